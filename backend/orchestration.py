@@ -1,0 +1,68 @@
+"""Starting and joining RenderVideo runs: shared by the API, the CLI and `render_video_task`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from backend.database import JobStatus, JobStore
+from backend.settings import Settings
+from workflows.payloads import RenderVideoInput, RenderVideoResult
+from workflows.render_video import RenderVideo, workflow_id_for
+
+
+async def connect(settings: Settings) -> Client:
+    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+
+
+async def start_render(client: Client, store: JobStore, settings: Settings, job_id: int) -> str:
+    """Starts the job's render, or joins the run already going; returns the workflow id.
+
+    Never starts a second billed render: a running run is reused, and a completed job
+    is left alone. A failed or cancelled job may be rendered again.
+    """
+    job = await asyncio.to_thread(store.get, job_id)
+    workflow_id = workflow_id_for(job_id)
+    if job["status"] == JobStatus.COMPLETED:
+        return workflow_id
+    previous = job["status"]
+    # Marked before the start so a run that ends at once cannot be overwritten afterwards.
+    await asyncio.to_thread(store.mark_rendering, job_id, workflow_id)
+    try:
+        await client.start_workflow(
+            RenderVideo.run,
+            RenderVideoInput(
+                job_id=job_id,
+                poll_interval_seconds=settings.poll_interval_seconds,
+                render_timeout_seconds=settings.render_timeout_seconds,
+            ),
+            id=workflow_id,
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            static_summary=f"Render job {job_id} into a video",
+        )
+    except WorkflowAlreadyStartedError:
+        # A closed, successful run has this id: its job is done, whatever the row says.
+        return workflow_id
+    except BaseException as exc:
+        if previous != JobStatus.RENDERING:
+            await asyncio.to_thread(
+                store.revert_rendering, job_id, previous, f"Could not start the render: {exc}"
+            )
+        raise
+    return workflow_id
+
+
+async def wait_for_render(client: Client, job_id: int) -> RenderVideoResult | None:
+    """Waits for the job's run to close; None when it failed or was cancelled."""
+    handle: WorkflowHandle = client.get_workflow_handle(
+        workflow_id_for(job_id), result_type=RenderVideoResult
+    )
+    try:
+        return await handle.result()
+    except WorkflowFailureError:
+        return None

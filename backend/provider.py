@@ -1,0 +1,137 @@
+"""Replicate, through the official `replicate` client (pointed at the local server by default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pydantic
+import pydantic.v1
+import replicate
+from replicate.exceptions import ReplicateError
+
+from backend.settings import Settings
+
+# replicate 1.0.7 builds its models with pydantic.v1 when pydantic 2 is installed.
+_MODEL_ERRORS = (pydantic.ValidationError, pydantic.v1.ValidationError)
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+FAILED = frozenset({"failed", "canceled", "aborted"})
+
+
+@dataclass
+class PredictionState:
+    id: str
+    status: str
+    output: Any = None
+    error: str | None = None
+    logs: str | None = None
+    predict_time: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def output_url(self) -> str | None:
+        # Video models answer with one URL or a list of them.
+        output = self.output
+        if isinstance(output, list):
+            output = output[-1] if output else None
+        return output if isinstance(output, str) else None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PredictionState:
+        metrics = data.get("metrics") or {}
+        return cls(
+            id=data["id"],
+            status=data["status"],
+            output=data.get("output"),
+            error=_error_text(data.get("error")),
+            logs=data.get("logs"),
+            predict_time=metrics.get("predict_time"),
+        )
+
+
+def _error_text(error: Any) -> str | None:
+    if error is None or isinstance(error, str):
+        return error
+    return str(error)
+
+
+class ProviderClient:
+    """The three calls the pipeline makes, tolerant of statuses the client does not know."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.base_url = settings.provider_base_url
+        self.client = replicate.Client(
+            api_token=settings.api_token,
+            base_url=self.base_url,
+            timeout=httpx.Timeout(30.0, connect=10.0),
+        )
+
+    def owns(self, url: str) -> bool:
+        """True for URLs on the provider's own API host: only those may see our token."""
+        ours, theirs = urlsplit(self.base_url), urlsplit(url)
+        return (ours.scheme, ours.hostname, ours.port) == (
+            theirs.scheme,
+            theirs.hostname,
+            theirs.port,
+        )
+
+    async def create(
+        self,
+        model_input: dict[str, Any],
+        *,
+        webhook: str | None = None,
+        webhook_events_filter: list[str] | None = None,
+    ) -> PredictionState:
+        params: dict[str, Any] = {"input": model_input}
+        if webhook:
+            params["webhook"] = webhook
+            params["webhook_events_filter"] = webhook_events_filter or ["completed"]
+        name, _, version = self.settings.replicate_model.partition(":")
+        if version:
+            prediction = await self.client.predictions.async_create(version=version, **params)
+        else:
+            prediction = await self.client.models.predictions.async_create(model=name, **params)
+        return PredictionState.from_json(prediction.dict())
+
+    async def get(self, prediction_id: str) -> PredictionState:
+        try:
+            prediction = await self.client.predictions.async_get(prediction_id)
+        except _MODEL_ERRORS:
+            return await self._raw("GET", f"/v1/predictions/{prediction_id}")
+        return PredictionState.from_json(prediction.dict())
+
+    async def cancel(self, prediction_id: str) -> PredictionState:
+        try:
+            prediction = await self.client.predictions.async_cancel(prediction_id)
+        except _MODEL_ERRORS:
+            return await self.get(prediction_id)
+        return PredictionState.from_json(prediction.dict())
+
+    async def _raw(self, method: str, path: str) -> PredictionState:
+        # replicate 1.0.7's Prediction model has no `aborted` status and refuses to parse it.
+        # Same client, same auth and retry transport; we only skip its strict model.
+        response = await self.client._async_request(method, path)
+        return PredictionState.from_json(response.json())
+
+
+def is_retryable(error: ReplicateError) -> bool:
+    """Throttling and server trouble pass; a bad token or a bad request will not."""
+    status = error.status or 0
+    return status in (408, 409, 425, 429) or status >= 500
+
+
+__all__ = [
+    "FAILED",
+    "TERMINAL",
+    "PredictionState",
+    "ProviderClient",
+    "ReplicateError",
+    "is_retryable",
+]

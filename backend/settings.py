@@ -1,0 +1,96 @@
+"""The one configuration object, read from the environment and an optional `.env`."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# With no REPLICATE_API_TOKEN the embedded local render server stands in for Replicate;
+# it accepts any bearer token, so this one only marks requests as ours.
+LOCAL_TOKEN = "local-render-server"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("./DATA")
+    database_url: str | None = Field(
+        default=None, description="Any SQLAlchemy URL; default: SQLite file under DATA_DIR"
+    )
+
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "render-video"
+
+    replicate_api_token: str | None = None
+    replicate_base_url: str | None = Field(
+        default=None,
+        description="Replicate API origin (no /v1); default: the local render server when "
+        "no token is set, https://api.replicate.com otherwise",
+    )
+    replicate_model: str = Field(
+        default="local/slideshow", description="owner/name or owner/name:version"
+    )
+    # Models name their inputs differently; these map our storyboard onto the model's fields.
+    model_images_field: str = "images"
+    model_durations_field: str = "durations"
+    model_prompt_field: str = "prompt"
+
+    poll_interval_seconds: float = 5.0
+    render_timeout_seconds: float = 600.0
+
+    price_per_image: Decimal = Decimal("0.003")
+    price_per_video_second: Decimal = Decimal("0.10")
+    max_video_bytes: int = 2 * 1024**3
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    local_render_port: int = 5055
+
+    @field_validator("replicate_model")
+    @classmethod
+    def _model_ref(cls, value: str) -> str:
+        name, _, version = value.partition(":")
+        owner, slash, model = name.partition("/")
+        if not (owner and slash and model) or "/" in model or (":" in value and not version):
+            raise ValueError("REPLICATE_MODEL must be 'owner/name' or 'owner/name:version'")
+        return value
+
+    @property
+    def uses_local_renderer(self) -> bool:
+        return not self.replicate_api_token
+
+    @property
+    def provider_base_url(self) -> str:
+        if self.replicate_base_url:
+            return self.replicate_base_url.rstrip("/")
+        if self.uses_local_renderer:
+            return f"http://127.0.0.1:{self.local_render_port}"
+        return "https://api.replicate.com"
+
+    @property
+    def api_token(self) -> str:
+        return self.replicate_api_token or LOCAL_TOKEN
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def videos_dir(self) -> Path:
+        return self.data_dir / "videos"
+
+    def video_dir(self, job_id: int) -> Path:
+        return self.videos_dir / str(job_id)
+
+    def video_path(self, job_id: int) -> Path:
+        return self.video_dir(job_id) / "final.mp4"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
