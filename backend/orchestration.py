@@ -8,7 +8,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from backend.database import JobStatus, JobStore
+from backend.database import JobConflict, JobStatus, JobStore
 from backend.settings import Settings
 from workflows.payloads import RenderVideoInput, RenderVideoResult
 from workflows.render_video import RenderVideo, workflow_id_for
@@ -45,16 +45,24 @@ async def start_render(client: Client, store: JobStore, settings: Settings, job_
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             static_summary=f"Render job {job_id} into a video",
         )
-    except WorkflowAlreadyStartedError:
-        # A closed, successful run has this id: its job is done, whatever the row says.
-        return workflow_id
+    except WorkflowAlreadyStartedError as exc:
+        # A completed run already holds this id, yet the job row does not say so (the job
+        # store was reset or restored from a backup). Rendering again would bill twice.
+        message = (
+            f"Workflow {workflow_id} already completed, but job {job_id} is not marked "
+            "completed in the job store; refusing to render it again"
+        )
+        await _revert(store, job_id, previous, message)
+        raise JobConflict(message) from exc
     except BaseException as exc:
-        if previous != JobStatus.RENDERING:
-            await asyncio.to_thread(
-                store.revert_rendering, job_id, previous, f"Could not start the render: {exc}"
-            )
+        await _revert(store, job_id, previous, f"Could not start the render: {exc}")
         raise
     return workflow_id
+
+
+async def _revert(store: JobStore, job_id: int, previous: str, message: str) -> None:
+    if previous != JobStatus.RENDERING:
+        await asyncio.to_thread(store.revert_rendering, job_id, previous, message)
 
 
 async def wait_for_render(client: Client, job_id: int) -> RenderVideoResult | None:

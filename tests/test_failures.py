@@ -1,0 +1,106 @@
+"""Every way a render can fail ends as a failed job with a readable message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import Stack
+
+from backend.orchestration import start_render
+
+
+async def render_and_wait(stack: Stack, storyboard: object, *, approve: bool = True) -> dict:
+    job_id = await stack.create_job(storyboard)
+    if approve:
+        response = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+        assert response.status_code == 200, response.text
+    else:
+        await start_render(stack.temporal, stack.store, stack.settings, job_id)
+    return await stack.wait_closed(job_id)
+
+
+async def test_unapproved_storyboard_fails_with_seed_message(stack: Stack) -> None:
+    job = await render_and_wait(stack, stack.sample_scenes(1), approve=False)
+    assert job["status"] == "failed"
+    assert job["error_message"] == "Storyboard must be approved"
+    assert stack.renderer.stats()["creates"] == 0
+
+
+async def test_empty_storyboard_fails_with_seed_message(stack: Stack) -> None:
+    job = await render_and_wait(stack, {"scenes": []})
+    assert job["status"] == "failed"
+    assert job["error_message"] == "No storyboard data available"
+    assert stack.renderer.stats()["creates"] == 0
+
+
+async def test_scene_without_image_fails_with_seed_message(stack: Stack) -> None:
+    scenes = stack.sample_scenes(3)
+    scenes[1]["image_url"] = None
+    job = await render_and_wait(stack, scenes)
+    assert job["status"] == "failed"
+    assert job["error_message"] == "Scene 2 is missing image"
+    failed = (await stack.api.get(f"/api/v2/jobs/{job['id']}")).json()
+    assert failed == {
+        "status": "failed",
+        "job_id": job["id"],
+        "error": "Scene 2 is missing image",
+        "workflow_id": f"render-video-{job['id']}",
+    }
+
+
+async def test_failed_prediction_fails_job_with_provider_error(stack: Stack) -> None:
+    stack.renderer.add_fault("fail", times=1, detail="CUDA out of memory")
+    job = await render_and_wait(stack, stack.sample_scenes(1))
+    assert job["status"] == "failed"
+    assert "CUDA out of memory" in job["error_message"]
+    assert "failed" in job["error_message"]
+
+
+async def test_aborted_prediction_fails_job(stack: Stack) -> None:
+    stack.renderer.add_fault("abort", times=1)
+    job = await render_and_wait(stack, stack.sample_scenes(1))
+    assert job["status"] == "failed"
+    assert "aborted" in job["error_message"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"), [("truncated", "truncated"), ("not_mp4", "not an MP4")]
+)
+async def test_broken_outputs_are_rejected(stack: Stack, fault: str, expected: str) -> None:
+    stack.renderer.add_fault(fault, times=1)
+    job = await render_and_wait(stack, stack.sample_scenes(2))
+    assert job["status"] == "failed"
+    assert expected in job["error_message"]
+    assert not Path(stack.settings.data_dir, "videos", str(job["id"]), "final.mp4").exists()
+    served = await stack.api.get(f"/api/videos/{job['id']}/data")
+    assert served.status_code == 404
+    assert "detail" in served.json()
+
+
+async def test_oversized_video_fails_without_retry(stack: Stack) -> None:
+    stack.settings.max_video_bytes = 1000
+    job = await render_and_wait(stack, stack.sample_scenes(1))
+    assert job["status"] == "failed"
+    assert "1000-byte limit" in job["error_message"]
+    assert job["download_retries"] == 0
+    leftovers = list(Path(stack.settings.data_dir, "videos", str(job["id"])).glob("*"))
+    assert leftovers == []
+
+
+async def test_rate_limited_create_is_retried(stack: Stack) -> None:
+    stack.renderer.add_fault("rate_limit", times=1)
+    job = await render_and_wait(stack, stack.sample_scenes(1))
+    assert job["status"] == "completed", job["error_message"]
+    assert stack.renderer.stats()["creates"] >= 2
+
+
+async def test_failed_job_can_be_rendered_again(stack: Stack) -> None:
+    stack.renderer.add_fault("fail", times=1)
+    job = await render_and_wait(stack, stack.sample_scenes(1))
+    assert job["status"] == "failed"
+    again = await stack.api.post(f"/api/v2/jobs/{job['id']}/approve")
+    assert again.status_code == 200
+    job = await stack.wait_closed(job["id"])
+    assert job["status"] == "completed", job["error_message"]
+    assert job["error_message"] is None

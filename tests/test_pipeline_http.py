@@ -1,0 +1,136 @@
+"""The whole pipeline over HTTP: API -> Temporal -> worker -> local render server -> MP4."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import av
+from support import Stack
+from temporalio.api.enums.v1 import EventType
+
+from backend.cost import render_cost
+
+SEVEN = [
+    "validate_storyboard",
+    "extract_images",
+    "start_prediction",
+    "poll_prediction",
+    "download_video",
+    "verify_video",
+    "record_cost",
+]
+
+
+async def scheduled_activities(stack: Stack, workflow_id: str) -> list[str]:
+    history = await stack.temporal.get_workflow_handle(workflow_id).fetch_history()
+    return [
+        event.activity_task_scheduled_event_attributes.activity_type.name
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+
+
+async def test_happy_path_renders_serves_and_costs_the_video(stack: Stack) -> None:
+    scenes = stack.sample_scenes(count=3, seconds=1.5)
+    job_id = await stack.create_job()
+    put = await stack.api.put(f"/api/v2/jobs/{job_id}/storyboard", json={"scenes": scenes})
+    assert put.status_code == 200, put.text
+    assert put.json()["status"] == "ready"
+
+    approved = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert approved.status_code == 200, approved.text
+    workflow_id = approved.json()["workflow_id"]
+    assert workflow_id == f"render-video-{job_id}"
+    assert approved.json()["status"] == "rendering_started"
+
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "completed", job["error_message"]
+
+    status = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+    assert status["status"] == "completed"
+    assert status["video_url"] == f"/api/videos/{job_id}/data"
+
+    video = await stack.api.get(status["video_url"])
+    assert video.status_code == 200
+    assert video.headers["content-type"] == "video/mp4"
+    local = Path(stack.settings.data_dir, "videos", str(job_id), "final.mp4")
+    assert video.content == local.read_bytes()
+    with av.open(str(local)) as container:
+        duration = container.duration / 1_000_000
+        assert container.streams.video[0].codec_context.name == "h264"
+    assert abs(duration - 4.5) <= 0.1
+
+    expected = render_cost(3, Decimal(str(round(duration, 3))))
+    assert Decimal(str(status["actual_cost"])) == expected
+    assert job["progress"]["scenes_total"] == 3
+    assert job["progress"]["scenes_completed"] == 3
+    assert job["download_retries"] == 0
+    assert job["prediction_id"]
+
+
+async def test_video_supports_range_requests(stack: Stack) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=1, seconds=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert (await stack.wait_closed(job_id))["status"] == "completed"
+    whole = (await stack.api.get(f"/api/videos/{job_id}/data")).content
+    part = await stack.api.get(f"/api/videos/{job_id}/data", headers={"Range": "bytes=4-11"})
+    assert part.status_code == 206
+    assert part.content == whole[4:12]
+    assert part.content[:4] == b"ftyp"
+    assert part.headers["content-range"] == f"bytes 4-11/{len(whole)}"
+
+
+async def test_history_shows_seven_activities_and_polling_as_retries(stack: Stack) -> None:
+    # A slow render makes poll_prediction fail "still processing" many times over.
+    stack.renderer.add_fault("slow_render", times=1, delay=1.5)
+    job_id = await stack.create_job(stack.sample_scenes(count=2, seconds=1))
+    approved = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "completed", job["error_message"]
+
+    names = await scheduled_activities(stack, approved.json()["workflow_id"])
+    assert names == SEVEN
+    history = await stack.temporal.get_workflow_handle(f"render-video-{job_id}").fetch_history()
+    poll_attempts = [
+        event.activity_task_started_event_attributes.attempt
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+        and event.activity_task_started_event_attributes.attempt > 1
+    ]
+    # Several polls happened, yet the history holds one scheduled poll_prediction.
+    assert poll_attempts and max(poll_attempts) >= 3
+    assert stack.renderer.stats()["gets"] >= 3
+
+
+async def test_second_approve_starts_no_second_render(stack: Stack) -> None:
+    stack.renderer.add_fault("slow_render", times=1, delay=1.0)
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    first = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    second = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert first.json()["workflow_id"] == second.json()["workflow_id"]
+    assert (await stack.wait_closed(job_id))["status"] == "completed"
+    third = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert third.json()["workflow_id"] == first.json()["workflow_id"]
+    assert stack.renderer.stats()["creates"] == 1
+    assert (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()["status"] == "completed"
+
+
+async def test_rendering_status_has_the_seed_shape(stack: Stack) -> None:
+    stack.renderer.add_fault("slow_start", times=1, delay=2.0)
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    body = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+    assert body["status"] == "rendering"
+    assert set(body["progress"]) == {"current_stage", "message", "scenes_total", "scenes_completed"}
+    await stack.wait_closed(job_id)
+
+
+async def test_storyboard_as_json_text_is_accepted(stack: Stack) -> None:
+    scenes = stack.sample_scenes(count=1)
+    job_id = await stack.create_job()
+    put = await stack.api.put(f"/api/v2/jobs/{job_id}/storyboard", json=json.dumps(scenes))
+    assert put.status_code == 200, put.text
+    stored = json.loads(stack.store.get(job_id)["storyboard_data"])
+    assert stored["scenes"][0]["image_url"] == scenes[0]["image_url"]
