@@ -1,0 +1,7 @@
+"""A local, Replicate-compatible render server (slideshow MP4s), with fault injection."""
+
+from .config import DEFAULT_WEBHOOK_SECRET, ServerConfig
+from .server import create_app
+from .testing import RunningServer, run_in_thread
+
+__all__ = ["DEFAULT_WEBHOOK_SECRET", "RunningServer", "ServerConfig", "create_app", "run_in_thread"]

@@ -32,7 +32,11 @@ async def test_malformed_bodies_are_422(stack: Stack) -> None:
         ("PUT", f"/api/v2/jobs/{job_id}/storyboard", b"{not json"),
         ("PUT", f"/api/v2/jobs/{job_id}/storyboard", b'{"scenes": "nope"}'),
         ("PUT", f"/api/v2/jobs/{job_id}/storyboard", b'[{"image_url": "file:///etc/passwd"}]'),
-        ("PUT", f"/api/v2/jobs/{job_id}/storyboard", b'[{"image_url": "http://a/b", "duration_seconds": -1}]'),
+        (
+            "PUT",
+            f"/api/v2/jobs/{job_id}/storyboard",
+            b'[{"image_url": "http://a/b", "duration_seconds": -1}]',
+        ),
         ("POST", "/api/v2/jobs", b'{"storyboard": 42}'),
     ]
     for method, path, body in cases:

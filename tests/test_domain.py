@@ -27,7 +27,12 @@ def test_cost_rounds_half_up_to_cents(images: int, seconds: float, cost: str) ->
 def test_storyboard_forms() -> None:
     scenes = [{"image_url": "http://a/1.png"}]
     assert Storyboard.parse(scenes) == Storyboard.parse({"scenes": scenes})
-    assert Storyboard.parse('{"scenes": [{"image_url": "https://a/1.png"}]}').scenes[0].duration_seconds == 2
+    assert (
+        Storyboard.parse('{"scenes": [{"image_url": "https://a/1.png"}]}')
+        .scenes[0]
+        .duration_seconds
+        == 2
+    )
 
 
 def test_missing_image_names_the_scene() -> None:

@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from backend.orchestration import start_render
 from local_replicate.testing import RunningServer
 from workflows.payloads import (
     CostRecord,
@@ -49,11 +50,18 @@ async def skipping_stack(
         yield value
 
 
+async def approve_and_start(stack: Stack, job_id: int) -> None:
+    # Time skipping is stamped on the start request by the env's own client, so these runs
+    # start through it rather than through the API's client.
+    stack.store.approve(job_id)
+    await start_render(stack.temporal, stack.store, stack.settings, job_id)
+
+
 async def test_download_is_retried_30s_then_90s_and_counted(skipping_stack: Stack) -> None:
     stack = skipping_stack
     stack.renderer.add_fault("download_error", times=2)
     job_id = await stack.create_job(stack.sample_scenes(1))
-    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    await approve_and_start(stack, job_id)
     job = await stack.wait_closed(job_id)
     assert job["status"] == "completed", job["error_message"]
     assert job["download_retries"] == 2
@@ -70,8 +78,7 @@ async def test_download_is_retried_30s_then_90s_and_counted(skipping_stack: Stac
         if (
             event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
             and scheduled is not None
-            and event.activity_task_started_event_attributes.scheduled_event_id
-            == download_event_id
+            and event.activity_task_started_event_attributes.scheduled_event_id == download_event_id
         ):
             started = event.event_time.ToDatetime()
             assert event.activity_task_started_event_attributes.attempt == 3
@@ -84,13 +91,16 @@ async def test_download_is_retried_30s_then_90s_and_counted(skipping_stack: Stac
 
 async def test_render_timeout_cancels_the_prediction(skipping_stack: Stack) -> None:
     stack = skipping_stack
+    # Each skipped poll still costs real round trips: a 1-minute budget keeps this quick.
+    stack.settings.render_timeout_seconds = 60
+    stack.settings.poll_interval_seconds = 5
     stack.renderer.add_fault("slow_start", times=1, delay=3600)
     job_id = await stack.create_job(stack.sample_scenes(1))
-    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    await approve_and_start(stack, job_id)
     job = await stack.wait_closed(job_id)
     assert job["status"] == "failed"
     assert job["error_message"] == (
-        f"Render timed out after 10 minutes; prediction {job['prediction_id']} was cancelled"
+        f"Render timed out after 1 minute; prediction {job['prediction_id']} was cancelled"
     )
     stats = stack.renderer.stats()
     assert stats["cancelled_ids"] == [job["prediction_id"]]
@@ -152,7 +162,9 @@ async def test_download_retry_policy_spacing(skipping_env: WorkflowEnvironment) 
         verify_double,
         cost_double,
     ]
-    async with Worker(skipping_env.client, task_queue=queue, workflows=[RenderVideo], activities=doubles):
+    async with Worker(
+        skipping_env.client, task_queue=queue, workflows=[RenderVideo], activities=doubles
+    ):
         result = await skipping_env.client.execute_workflow(
             RenderVideo.run,
             RenderVideoInput(job_id=1),

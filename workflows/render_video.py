@@ -12,6 +12,7 @@ from temporalio.exceptions import (
     ApplicationError,
     TimeoutError,
     TimeoutType,
+    RetryState,
     is_cancelled_exception,
 )
 
@@ -221,8 +222,12 @@ class RenderVideo:
 
 
 def _is_schedule_to_close_timeout(err: ActivityError) -> bool:
+    # When the next retry would pass the deadline, the server ends the activity with the
+    # last attempt's failure and retry state TIMEOUT, not with a TimeoutError.
     cause = err.cause
-    return isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_CLOSE
+    if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_CLOSE:
+        return True
+    return err.retry_state == RetryState.TIMEOUT
 
 
 def _explain(err: BaseException) -> str:

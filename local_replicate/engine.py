@@ -1,0 +1,324 @@
+"""Prediction state, lifecycle, faults and counters; everything here runs on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from .config import ServerConfig
+from .faults import CREATE_KINDS, DOWNLOAD_KINDS, PREDICTION_KINDS, Fault, FaultQueue
+from .render import InputError, RenderCanceled, parse_input, render
+from .webhooks import WebhookSender
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+
+
+def new_id() -> str:
+    # the shape of Replicate ids: 26 lowercase base32 characters
+    return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+def rfc3339(ts: datetime) -> str:
+    return ts.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(eq=False)
+class Prediction:
+    id: str
+    model: str
+    version: str
+    input: dict[str, Any]
+    base_url: str
+    webhook: str | None
+    events: frozenset[str]
+    faults: list[Fault]
+    status: str = "starting"
+    output: str | None = None
+    error: str | None = None
+    logs: list[str] = field(default_factory=list)
+    created_at: datetime = field(default_factory=_now)
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    predict_time: float | None = None
+    data_removed: bool = False
+    # read by the render thread, so a threading.Event rather than an asyncio one
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def fault(self, kind: str) -> Fault | None:
+        return next((f for f in self.faults if f.kind == kind), None)
+
+    def to_json(self) -> dict[str, Any]:
+        api = f"{self.base_url}/v1/predictions/{self.id}"
+        metrics: dict[str, float] = {}
+        if self.predict_time is not None:
+            metrics["predict_time"] = round(self.predict_time, 6)
+        if self.completed_at is not None:
+            metrics["total_time"] = round((self.completed_at - self.created_at).total_seconds(), 6)
+        body: dict[str, Any] = {
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "input": self.input,
+            "logs": "".join(line + "\n" for line in self.logs),
+            "output": self.output,
+            "data_removed": self.data_removed,
+            "error": self.error,
+            "status": self.status,
+            "created_at": rfc3339(self.created_at),
+            "urls": {"get": api, "cancel": f"{api}/cancel", "web": f"{self.base_url}/p/{self.id}"},
+            "metrics": metrics,
+            "source": "api",
+        }
+        # the published schema types these as non-nullable strings; Replicate omits them when unset
+        if self.started_at is not None:
+            body["started_at"] = rfc3339(self.started_at)
+        if self.completed_at is not None:
+            body["completed_at"] = rfc3339(self.completed_at)
+        return body
+
+
+def _not_mp4_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 255)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Engine:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.predictions: dict[str, Prediction] = {}
+        self.faults = FaultQueue()
+        self.deliveries: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._sender: WebhookSender | None = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.counts = {"creates": 0, "gets": 0, "cancels": 0, "file_gets": 0}
+        self.cancelled_ids: list[str] = []
+        self.deliveries.clear()
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.config.render_workers, thread_name_prefix="render"
+        )
+        self._http = httpx.AsyncClient(timeout=10.0, follow_redirects=False)
+        self._sender = WebhookSender(
+            self._http,
+            self.config.webhook_secret,
+            self.config.webhook_retry_delays,
+            self.deliveries,
+        )
+
+    async def stop(self) -> None:
+        await self._cancel_everything()
+        if self._sender:
+            await self._sender.aclose()
+        if self._http:
+            await self._http.aclose()
+        if self._executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _cancel_everything(self) -> None:
+        for p in self.predictions.values():
+            p.cancel.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def reset(self) -> None:
+        await self._cancel_everything()
+        if self._sender:
+            await self._sender.aclose()
+        self.predictions.clear()
+        self.faults.clear()
+        self.reset_stats()
+        for path in self.data_dir.glob("*.mp4"):
+            path.unlink(missing_ok=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counts,
+            "predictions": {pid: p.status for pid, p in self.predictions.items()},
+            "cancelled_ids": list(self.cancelled_ids),
+            "webhook_deliveries": list(self.deliveries),
+            "faults": self.faults.list(),
+        }
+
+    def output_path(self, prediction_id: str) -> Path:
+        return self.data_dir / f"{prediction_id}.mp4"
+
+    # -- operations called by the HTTP layer --
+
+    def take_create_fault(self) -> Fault | None:
+        return self.faults.take_one(CREATE_KINDS)
+
+    def take_download_fault(self) -> Fault | None:
+        return self.faults.take_one(DOWNLOAD_KINDS)
+
+    def create(
+        self,
+        *,
+        model: str,
+        version: str,
+        input: dict[str, Any],
+        base_url: str,
+        webhook: str | None,
+        events: frozenset[str],
+        extra_faults: list[Fault],
+    ) -> Prediction:
+        queued = self.faults.take(PREDICTION_KINDS)
+        p = Prediction(
+            id=new_id(),
+            model=model,
+            version=version,
+            input=input,
+            base_url=base_url,
+            webhook=webhook,
+            events=events,
+            faults=extra_faults + queued,
+        )
+        self.predictions[p.id] = p
+        self._spawn(self._run(p))
+        self._emit(p, "start")
+        return p
+
+    def cancel(self, p: Prediction) -> None:
+        if p.id not in self.cancelled_ids:
+            self.cancelled_ids.append(p.id)
+        if not p.terminal:
+            self._log(p, "prediction canceled")
+            self._finish(p, "canceled")
+
+    # -- lifecycle --
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _emit(self, p: Prediction, event: str) -> None:
+        if p.webhook and event in p.events and self._sender:
+            self._sender.send(p.id, p.webhook, event, json.dumps(p.to_json()))
+
+    def _log(self, p: Prediction, line: str) -> None:
+        p.logs.append(line)
+        self._emit(p, "logs")
+
+    def _finish(self, p: Prediction, status: str, error: str | None = None) -> None:
+        if p.terminal:
+            return
+        p.status = status
+        p.error = error
+        p.completed_at = _now()
+        if status != "succeeded":
+            p.cancel.set()
+        p.done.set()
+        self._emit(p, "completed")
+
+    async def _pause(self, p: Prediction, seconds: float) -> bool:
+        """Sleep unless the prediction ends first; True when it is still live."""
+        if seconds > 0 and not p.terminal:
+            try:
+                await asyncio.wait_for(p.done.wait(), seconds)
+            except TimeoutError:
+                pass
+        return not p.terminal
+
+    async def _run(self, p: Prediction) -> None:
+        slow_start = p.fault("slow_start")
+        delay = self.config.start_delay + (slow_start.delay if slow_start else 0.0)
+        if not await self._pause(p, delay):
+            return
+        if abort := p.fault("abort"):
+            self._finish(p, "aborted", abort.detail)
+            return
+
+        p.status = "processing"
+        p.started_at = _now()
+        t0 = time.monotonic()
+        slow_render = p.fault("slow_render")
+        min_processing = max(self.config.min_processing, slow_render.delay if slow_render else 0.0)
+        self._log(p, f"starting render of {len(p.input.get('images') or [])} image(s)")
+
+        if fail := p.fault("fail"):
+            if await self._pause(p, min_processing):
+                self._finish(p, "failed", fail.detail or "Injected failure")
+            return
+
+        path = self.output_path(p.id)
+        loop = asyncio.get_running_loop()
+
+        def log_from_thread(line: str) -> None:
+            try:
+                loop.call_soon_threadsafe(self._log, p, line)
+            except RuntimeError:  # the loop closed during shutdown; nobody is listening
+                pass
+
+        error: str | None = None
+        try:
+            job = parse_input(p.input)
+            await loop.run_in_executor(self._executor, render, job, path, p.cancel, log_from_thread)
+        except RenderCanceled:
+            pass
+        except InputError as exc:
+            error = str(exc)
+        except Exception as exc:  # an encoder failure must end the prediction, not the task
+            error = f"render failed: {type(exc).__name__}: {exc}"
+        p.predict_time = time.monotonic() - t0
+
+        if p.terminal:  # canceled while rendering
+            path.unlink(missing_ok=True)
+            return
+        if error is not None:
+            self._log(p, f"error: {error}")
+            if await self._pause(p, min_processing - (time.monotonic() - t0)):
+                self._finish(p, "failed", error)
+            return
+
+        if p.fault("truncated"):
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])  # the ftyp box is at the start, so it stays
+        elif p.fault("not_mp4"):
+            path.write_bytes(_not_mp4_bytes())
+
+        if not await self._pause(p, min_processing - (time.monotonic() - t0)):
+            path.unlink(missing_ok=True)
+            return
+        p.output = f"{p.base_url}/files/{p.id}.mp4"
+        self._log(p, f"render finished in {p.predict_time:.2f}s")
+        self._emit(p, "output")
+        self._finish(p, "succeeded")
+        self._spawn(self._expire(p))
+
+    async def _expire(self, p: Prediction) -> None:
+        await asyncio.sleep(self.config.retention_seconds)
+        self.output_path(p.id).unlink(missing_ok=True)
+        p.output = None
+        p.data_removed = True

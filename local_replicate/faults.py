@@ -1,0 +1,92 @@
+"""Queued fault injection, consumed by creates, renders and output downloads."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CREATE_KINDS = frozenset({"rate_limit", "server_error"})
+PREDICTION_KINDS = frozenset({"fail", "abort", "slow_start", "slow_render", "truncated", "not_mp4"})
+DOWNLOAD_KINDS = frozenset({"download_error"})
+ALL_KINDS = CREATE_KINDS | PREDICTION_KINDS | DOWNLOAD_KINDS
+
+_ids = itertools.count(1)
+
+
+class FaultSpecError(ValueError):
+    pass
+
+
+@dataclass
+class Fault:
+    kind: str
+    times: int | None = 1  # None: applies until the faults are cleared
+    delay: float = 0.0
+    detail: str | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_fault(body: Any, allowed: frozenset[str] = ALL_KINDS) -> Fault:
+    if not isinstance(body, dict):
+        raise FaultSpecError("fault must be a JSON object")
+    unknown = set(body) - {"kind", "times", "delay", "detail"}
+    if unknown:
+        raise FaultSpecError(f"unknown fault fields: {', '.join(sorted(unknown))}")
+    kind = body.get("kind")
+    if kind not in allowed:
+        raise FaultSpecError(f"kind: must be one of {', '.join(sorted(allowed))}")
+    # an absent `times` means once; an explicit null means until reset
+    times = body.get("times", 1)
+    if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
+        raise FaultSpecError("times: must be a positive integer or null")
+    delay = body.get("delay", 0.0)
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+        raise FaultSpecError("delay: must be a non-negative number of seconds")
+    detail = body.get("detail")
+    if detail is not None and not isinstance(detail, str):
+        raise FaultSpecError("detail: must be a string")
+    return Fault(kind=kind, times=times, delay=float(delay), detail=detail)
+
+
+class FaultQueue:
+    """Faults in arrival order; each kind is consumed independently of the others."""
+
+    def __init__(self) -> None:
+        self._faults: list[Fault] = []
+
+    def add(self, fault: Fault) -> None:
+        self._faults.append(fault)
+
+    def clear(self) -> int:
+        n = len(self._faults)
+        self._faults.clear()
+        return n
+
+    def list(self) -> list[dict[str, Any]]:
+        return [f.as_dict() for f in self._faults]
+
+    def take(self, kinds: frozenset[str]) -> list[Fault]:
+        """Consume one use of the oldest queued fault of each kind in `kinds`."""
+        taken: list[Fault] = []
+        seen: set[str] = set()
+        for fault in list(self._faults):
+            if fault.kind not in kinds or fault.kind in seen:
+                continue
+            seen.add(fault.kind)
+            taken.append(fault)
+            if fault.times is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    self._faults.remove(fault)
+        return taken
+
+    def take_one(self, kinds: frozenset[str]) -> Fault | None:
+        """Consume the oldest fault among `kinds` (for kinds that exclude each other)."""
+        for fault in self._faults:
+            if fault.kind in kinds:
+                return self.take(frozenset({fault.kind}))[0]
+        return None

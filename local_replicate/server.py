@@ -1,0 +1,292 @@
+"""FastAPI app: the Replicate HTTP API subset, the output file server and the admin endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import DEFAULT_WEBHOOK_SECRET, ServerConfig
+from .engine import Engine, Prediction
+from .faults import ALL_KINDS, PREDICTION_KINDS, Fault, FaultSpecError, parse_fault
+from .webhooks import EVENTS, secret_bytes
+
+__all__ = ["DEFAULT_WEBHOOK_SECRET", "ServerConfig", "create_app"]
+
+PROBLEM = "application/problem+json"
+THROTTLED = "Request was throttled. Your rate limit resets in ~30s."
+FILE_NAME = re.compile(r"^([a-z0-9]{1,64})\.mp4$")
+
+
+class Problem(Exception):
+    def __init__(
+        self, status: int, title: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.headers = headers
+
+
+def problem(
+    status: int, title: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"title": title, "detail": detail, "status": status}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _invalid(detail: str) -> Problem:
+    return Problem(422, "Invalid request", detail)
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def _base_url(request: Request) -> str:
+    config: ServerConfig = request.app.state.config
+    return (config.public_url or str(request.base_url)).rstrip("/")
+
+
+def _authenticate(request: Request) -> None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Problem(401, "Unauthenticated", "You did not pass an authentication token")
+    expected = request.app.state.config.token
+    if expected is not None and not hmac.compare_digest(token.encode(), expected.encode()):
+        raise Problem(401, "Unauthenticated", "You did not pass a valid authentication token")
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise _invalid(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise _invalid("request body must be a JSON object")
+    return body
+
+
+def _prefer_wait(request: Request) -> float | None:
+    header = request.headers.get("prefer")
+    if not header:
+        return None
+    for pref in header.split(","):
+        name, _, value = pref.strip().partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        if not value:
+            return 60.0  # bare `wait` means the maximum
+        try:
+            seconds = int(value.strip())
+        except ValueError:
+            seconds = 0
+        if not 1 <= seconds <= 60:
+            raise Problem(400, "Invalid Prefer header", "wait must be an integer from 1 to 60")
+        return float(seconds)
+    return None
+
+
+def _parse_create(body: dict[str, Any], allowed: set[str]) -> tuple[Any, ...]:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise _invalid(f"unexpected field(s) in request body: {', '.join(unknown)}")
+    inp = body.get("input")
+    if not isinstance(inp, dict):
+        raise _invalid("input: required, must be an object")
+    webhook = body.get("webhook")
+    if webhook is not None:
+        if not isinstance(webhook, str) or urlsplit(webhook).scheme not in ("http", "https"):
+            raise _invalid("webhook: must be an http or https URL")
+    events_in = body.get("webhook_events_filter")
+    if events_in is None:
+        events = frozenset(EVENTS)
+    elif not isinstance(events_in, list) or not set(events_in) <= set(EVENTS):
+        raise _invalid(f"webhook_events_filter: must be a list drawn from {', '.join(EVENTS)}")
+    else:
+        events = frozenset(events_in)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("stream: must be a boolean")
+    faults = _input_faults(inp.get("_fault"))
+    return inp, webhook, events, faults
+
+
+def _input_faults(spec: Any) -> list[Fault]:
+    if spec is None:
+        return []
+    specs = spec if isinstance(spec, list) else [spec]
+    try:
+        return [parse_fault(s, PREDICTION_KINDS) for s in specs]
+    except FaultSpecError as exc:
+        raise _invalid(f"input._fault: {exc}") from exc
+
+
+async def _create(request: Request, model: str, version: str, body: dict[str, Any]) -> Response:
+    engine = _engine(request)
+    allowed = {"input", "webhook", "webhook_events_filter", "stream"}
+    if version != "hidden":
+        allowed.add("version")
+    inp, webhook, events, faults = _parse_create(body, allowed)
+    wait = _prefer_wait(request)
+    engine.counts["creates"] += 1
+    fault = engine.take_create_fault()
+    if fault is not None and fault.kind == "rate_limit":
+        detail = fault.detail or THROTTLED
+        return problem(429, "Request was throttled", detail, {"Retry-After": "30"})
+    if fault is not None:
+        return problem(500, "Internal Server Error", fault.detail or "Injected server error")
+    p = engine.create(
+        model=model,
+        version=version,
+        input=inp,
+        base_url=_base_url(request),
+        webhook=webhook,
+        events=events,
+        extra_faults=faults,
+    )
+    if wait is not None:
+        try:
+            await asyncio.wait_for(p.done.wait(), wait)
+        except TimeoutError:
+            pass
+    return JSONResponse(p.to_json(), status_code=201)
+
+
+def _lookup(request: Request, prediction_id: str) -> Prediction:
+    p = _engine(request).predictions.get(prediction_id)
+    if p is None:
+        raise Problem(404, "Not found", f"Prediction {prediction_id} was not found")
+    return p
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    secret_bytes(config.webhook_secret)  # fail at startup, not at the first webhook
+    engine = Engine(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="local_replicate", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.config = config
+    app.state.engine = engine
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> Response:
+        return problem(exc.status, exc.title, exc.detail, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Error")
+        return problem(exc.status_code, title, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return problem(422, "Invalid request", str(exc.errors()))
+
+    @app.post("/v1/predictions")
+    async def create_by_version(request: Request) -> Response:
+        _authenticate(request)
+        body = await _json_object(request)
+        version = body.get("version")
+        if not isinstance(version, str) or not version:
+            raise _invalid("version: required, a model version id")
+        model = config.model_name
+        if ":" in version:  # "owner/name:version" names the model too
+            model, _, version = version.partition(":")
+        return await _create(request, model, version, body)
+
+    @app.post("/v1/models/{owner}/{name}/predictions")
+    async def create_by_model(owner: str, name: str, request: Request) -> Response:
+        _authenticate(request)
+        body = await _json_object(request)
+        return await _create(request, f"{owner}/{name}", "hidden", body)
+
+    @app.get("/v1/predictions/{prediction_id}")
+    async def get_prediction(prediction_id: str, request: Request) -> Response:
+        _authenticate(request)
+        engine.counts["gets"] += 1
+        return JSONResponse(_lookup(request, prediction_id).to_json())
+
+    @app.post("/v1/predictions/{prediction_id}/cancel")
+    async def cancel_prediction(prediction_id: str, request: Request) -> Response:
+        _authenticate(request)
+        engine.counts["cancels"] += 1
+        p = _lookup(request, prediction_id)
+        engine.cancel(p)
+        return JSONResponse(p.to_json())
+
+    @app.get("/v1/webhooks/default/secret")
+    async def webhook_secret(request: Request) -> Response:
+        _authenticate(request)
+        return JSONResponse({"key": config.webhook_secret})
+
+    @app.api_route("/files/{file_name}", methods=["GET", "HEAD"])
+    async def output_file(file_name: str) -> Response:
+        engine.counts["file_gets"] += 1
+        match = FILE_NAME.match(file_name)
+        if engine.take_download_fault() is not None:
+            return problem(500, "Internal Server Error", "Injected download error")
+        path = engine.output_path(match.group(1)) if match else None
+        if path is None or not path.is_file():
+            return problem(404, "Not found", f"File {file_name} was not found")
+        return FileResponse(path, media_type="video/mp4")
+
+    @app.get("/p/{prediction_id}")
+    async def web_page(prediction_id: str, request: Request) -> Response:
+        p = _lookup(request, prediction_id)
+        text = html.escape(json.dumps(p.to_json(), indent=2))
+        return HTMLResponse(f"<!doctype html><title>{p.id}</title><pre>{text}</pre>")
+
+    @app.post("/_admin/faults", status_code=201)
+    async def add_fault(request: Request) -> Response:
+        body = await _json_object(request)
+        try:
+            fault = parse_fault(body, ALL_KINDS)
+        except FaultSpecError as exc:
+            raise _invalid(str(exc)) from exc
+        engine.faults.add(fault)
+        return JSONResponse(fault.as_dict(), status_code=201)
+
+    @app.get("/_admin/faults")
+    async def list_faults() -> Response:
+        return JSONResponse(engine.faults.list())
+
+    @app.delete("/_admin/faults")
+    async def clear_faults() -> Response:
+        return JSONResponse({"cleared": engine.faults.clear()})
+
+    @app.get("/_admin/stats")
+    async def stats() -> Response:
+        return JSONResponse(engine.stats())
+
+    @app.post("/_admin/reset")
+    async def reset() -> Response:
+        await engine.reset()
+        return JSONResponse({"reset": True})
+
+    @app.get("/_admin/health")
+    async def health() -> Response:
+        return JSONResponse({"ok": True})
+
+    return app
