@@ -168,7 +168,10 @@ class RenderActivities:
         try:
             state = await self.provider.get(input.prediction_id)
         except ReplicateError as exc:
-            message = f"Could not read prediction {input.prediction_id} (HTTP {exc.status}): {exc.detail or exc}"
+            message = (
+                f"Could not read prediction {input.prediction_id} "
+                f"(HTTP {exc.status}): {exc.detail or exc}"
+            )
             if is_retryable(exc):
                 raise ApplicationError(message, type="ProviderUnavailable") from exc
             raise _fatal(message, "BadRequest") from exc

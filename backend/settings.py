@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     price_per_video_second: Decimal = Decimal("0.10")
     max_video_bytes: int = 2 * 1024**3
 
+    temporal_ui_port: int = 8233
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     local_render_port: int = 5055

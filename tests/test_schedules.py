@@ -173,6 +173,9 @@ async def test_download_retry_policy_spacing(skipping_env: WorkflowEnvironment) 
         )
     assert result.status == "completed"
     assert len(download_attempts) == 3
-    gaps = [(b - a).total_seconds() for a, b in zip(download_attempts, download_attempts[1:])]
+    gaps = [
+        (b - a).total_seconds()
+        for a, b in zip(download_attempts, download_attempts[1:], strict=False)
+    ]
     assert 30 <= gaps[0] < 32
     assert 90 <= gaps[1] < 92

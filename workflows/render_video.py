@@ -10,9 +10,9 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
+    RetryState,
     TimeoutError,
     TimeoutType,
-    RetryState,
     is_cancelled_exception,
 )
 
@@ -239,7 +239,8 @@ def _explain(err: BaseException) -> str:
         if isinstance(cause, ApplicationError):
             return cause.message
         if isinstance(cause, TimeoutError):
-            return f"Step {err.activity_type} timed out ({cause.type.name.lower() if cause.type else 'timeout'})"
+            kind = cause.type.name.lower() if cause.type else "timeout"
+            return f"Step {err.activity_type} timed out ({kind})"
         if cause is not None:
             return f"Step {err.activity_type} failed: {cause}"
         return f"Step {err.activity_type} failed"

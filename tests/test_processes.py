@@ -1,0 +1,117 @@
+"""The shipped commands as a user runs them: the worker, `render-video dev` and `demo`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import httpx
+from temporalio.testing import WorkflowEnvironment
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stack_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLICATE_")}
+    env.update(
+        DATA_DIR=str(tmp_path / "DATA"),
+        API_PORT=str(free_port()),
+        LOCAL_RENDER_PORT=str(free_port()),
+        TEMPORAL_ADDRESS=f"127.0.0.1:{free_port()}",
+        TEMPORAL_UI_PORT=str(free_port()),
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_worker_stops_cleanly_on_sigterm(temporal_env: WorkflowEnvironment, tmp_path: Path) -> None:
+    env = dict(os.environ, TEMPORAL_ADDRESS=temporal_env.client.service_client.config.target_host)
+    env["DATA_DIR"] = str(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 30
+    for line in proc.stderr:
+        if "worker running" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert "worker stopped" in proc.stderr.read()
+
+
+def test_demo_renders_the_sample_storyboard(tmp_path: Path) -> None:
+    env = stack_env(tmp_path)
+    result = subprocess.run(
+        [str(BIN / "render-video"), "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    path = Path(re.search(r"^Video: (.+)$", result.stdout, re.M).group(1))
+    cost = re.search(r"^Cost: \$(\d+\.\d\d)$", result.stdout, re.M).group(1)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert (stream.codec_context.width, stream.codec_context.height) == (1280, 720)
+        assert abs(container.duration / 1_000_000 - 10.0) <= 0.1
+    # 5 images x $0.003 + 10 s x $0.10 = $1.015 -> $1.02, the seed's own example.
+    assert cost == "1.02"
+    # The stack the demo started is gone again.
+    assert not port_open(int(env["API_PORT"]))
+    assert not port_open(int(env["TEMPORAL_ADDRESS"].rsplit(":", 1)[1]))
+
+
+def test_dev_runs_the_stack_and_stops_every_child_on_sigterm(tmp_path: Path) -> None:
+    env = stack_env(tmp_path)
+    ports = [
+        int(env["API_PORT"]),
+        int(env["LOCAL_RENDER_PORT"]),
+        int(env["TEMPORAL_ADDRESS"].rsplit(":", 1)[1]),
+        int(env["TEMPORAL_UI_PORT"]),
+    ]
+    proc = subprocess.Popen(
+        [str(BIN / "render-video"), "dev"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{ports[0]}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "render-video dev exited early"
+            time.sleep(0.2)
+        assert all(port_open(port) for port in ports)
+        assert (tmp_path / "DATA" / "temporal.db").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert not any(port_open(port) for port in ports)
