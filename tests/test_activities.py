@@ -1,0 +1,99 @@
+"""The download and verify activities on their own, with real HTTP and real files."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.render import InvalidVideo, RenderActivities, probe_video
+from backend.database import JobStore, make_engine
+from backend.provider import ProviderClient
+from backend.settings import Settings
+from workflows.payloads import DownloadVideoInput
+
+VIDEO_BYTES = b"\x00\x00\x00\x18ftypisom" + b"x" * 5000
+
+
+class Recorder(BaseHTTPRequestHandler):
+    seen: list[dict[str, str]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        Recorder.seen.append({"path": self.path, "auth": self.headers.get("Authorization", "")})
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(len(VIDEO_BYTES)))
+        self.end_headers()
+        self.wfile.write(VIDEO_BYTES)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def two_origins() -> Iterator[tuple[str, str]]:
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), Recorder) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    Recorder.seen = []
+    yield tuple(f"http://127.0.0.1:{s.server_address[1]}" for s in servers)  # type: ignore[misc]
+    for server in servers:
+        server.shutdown()
+
+
+async def run_download(settings: Settings, url: str, job_id: int) -> Path:
+    store = JobStore(make_engine(f"sqlite:///{settings.data_dir / 'jobs.db'}"))
+    created = store.create()
+    async with httpx.AsyncClient() as http:
+        activities = RenderActivities(store, ProviderClient(settings), settings, http)
+        result = await ActivityEnvironment().run(
+            activities.download_video, DownloadVideoInput(job_id=created, url=url)
+        )
+    return Path(result.path)
+
+
+async def test_token_goes_only_to_the_provider_origin(
+    two_origins: tuple[str, str], tmp_path: Path
+) -> None:
+    provider, cdn = two_origins
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path,
+        replicate_api_token="r8_secret",
+        replicate_base_url=provider,
+    )
+    path = await run_download(settings, f"{cdn}/out.mp4", 1)
+    assert path.read_bytes() == VIDEO_BYTES
+    assert path.name == "final.mp4"
+    await run_download(settings, f"{provider}/files/out.mp4", 2)
+    assert Recorder.seen == [
+        {"path": "/out.mp4", "auth": ""},
+        {"path": "/files/out.mp4", "auth": "Bearer r8_secret"},
+    ]
+
+
+async def test_only_http_urls_are_downloaded(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    with pytest.raises(ApplicationError, match="non-http") as caught:
+        await run_download(settings, "file:///etc/passwd", 1)
+    assert caught.value.non_retryable
+
+
+def test_garbage_behind_mp4_magic_is_rejected(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(VIDEO_BYTES)
+    with pytest.raises(InvalidVideo, match="could not be decoded"):
+        probe_video(fake)
+
+
+def test_non_mp4_is_rejected(tmp_path: Path) -> None:
+    png = tmp_path / "image.mp4"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    with pytest.raises(InvalidVideo, match="not an MP4"):
+        probe_video(png)
