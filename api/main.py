@@ -8,21 +8,24 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Path, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
-from temporalio.service import RPCError
 
 from api.deps import SettingsDep, StoreDep, TemporalDep
 from backend.database import JobConflict, JobNotFound, JobStatus, JobStore, make_engine
-from backend.orchestration import connect, start_render
+from backend.orchestration import TemporalUnavailable, connect, start_render
 from backend.settings import Settings, get_settings
 from backend.storyboard import StoryboardError
 
 log = logging.getLogger("api")
+
+
+# Job ids are 32-bit database keys: anything else is a malformed request, not a lookup.
+JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The job's id")]
 
 
 class CreateJob(BaseModel):
@@ -65,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.store = JobStore(make_engine(settings.resolved_database_url))
-        app.state.temporal = await connect(settings)
+        app.state.temporal = await connect(settings, lazy=True)
         yield
 
     app = FastAPI(
@@ -87,10 +90,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _bad_storyboard(_: Request, exc: StoryboardError) -> JSONResponse:
         return _error(422, str(exc))
 
-    @app.exception_handler(RPCError)
-    async def _temporal_down(_: Request, exc: RPCError) -> JSONResponse:
-        log.warning("Temporal call failed: %s", exc)
-        return _error(503, f"Temporal is unavailable: {exc.message}")
+    @app.exception_handler(TemporalUnavailable)
+    async def _temporal_down(_: Request, exc: TemporalUnavailable) -> JSONResponse:
+        log.warning("%s", exc)
+        return _error(503, str(exc))
 
     @app.post("/api/v2/jobs", status_code=201, response_model=JobCreated)
     async def create_job(store: StoreDep, body: CreateJob | None = None) -> JobCreated:
@@ -101,25 +104,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.put("/api/v2/jobs/{job_id}/storyboard")
     async def put_storyboard(
-        job_id: int, store: StoreDep, storyboard: Any = Body(...)
+        job_id: JobId, store: StoreDep, storyboard: Any = Body(...)
     ) -> dict[str, Any]:
         job = await asyncio.to_thread(store.set_storyboard, job_id, storyboard)
         return job_view(job)
 
     @app.post("/api/v2/jobs/{job_id}/approve", response_model=RenderStarted)
     async def approve(
-        job_id: int, store: StoreDep, temporal: TemporalDep, settings: SettingsDep
+        job_id: JobId, store: StoreDep, temporal: TemporalDep, settings: SettingsDep
     ) -> RenderStarted:
         await asyncio.to_thread(store.approve, job_id)
         workflow_id = await start_render(temporal, store, settings, job_id)
         return RenderStarted(status="rendering_started", job_id=job_id, workflow_id=workflow_id)
 
     @app.get("/api/v2/jobs/{job_id}")
-    async def get_job_status(job_id: int, store: StoreDep) -> dict[str, Any]:
+    async def get_job_status(job_id: JobId, store: StoreDep) -> dict[str, Any]:
         return job_view(await asyncio.to_thread(store.get, job_id))
 
     @app.get("/api/videos/{job_id}/data", response_class=FileResponse)
-    async def video_data(job_id: int, store: StoreDep, settings: SettingsDep) -> Any:
+    async def video_data(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Any:
         job = await asyncio.to_thread(store.get, job_id)
         path = settings.video_path(job_id)
         if job["status"] != JobStatus.COMPLETED or not path.is_file():

@@ -97,7 +97,7 @@ class Stack:
                 "--namespace",
                 settings.temporal_namespace,
                 "--log-level",
-                "warn",
+                "error",
             ],
             (host, port),
         )
@@ -193,15 +193,17 @@ def cmd_dev(settings: Settings) -> int:
             print(f"Temporal UI: http://127.0.0.1:{settings.temporal_ui_port}", flush=True)
             if settings.uses_local_renderer:
                 print(f"Renderer:    local render server on port {settings.local_render_port}")
-            while True:
-                problem = stack.failed_child()
-                if problem:
-                    print(f"Stopping: {problem}", file=sys.stderr, flush=True)
-                    return 1
-                time.sleep(0.5)
+            try:
+                while not (problem := stack.failed_child()):
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                print("\nStopping...", flush=True)
+                return 0
+            print(f"Stopping: {problem}", file=sys.stderr, flush=True)
+            return 1
     except KeyboardInterrupt:
-        print("\nStopping...", flush=True)
-    return 0
+        # Interrupted while still starting: running_stack has stopped what had started.
+        return 0
 
 
 SAMPLE_SCENES = [
@@ -224,7 +226,7 @@ def _http(method: str, url: str, body: Any = None) -> dict[str, Any]:
 
 def _bar(fraction: float, label: str, width: int = 30) -> str:
     filled = int(width * max(0.0, min(1.0, fraction)))
-    return f"\r[{'#' * filled}{'.' * (width - filled)}] {label[:60]:<60}"
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] {label[:72]:<72}"
 
 
 STAGE_FRACTION = {

@@ -7,6 +7,7 @@ import asyncio
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
 from backend.database import JobConflict, JobStatus, JobStore
 from backend.settings import Settings
@@ -14,8 +15,15 @@ from workflows.payloads import RenderVideoInput, RenderVideoResult
 from workflows.render_video import RenderVideo, workflow_id_for
 
 
-async def connect(settings: Settings) -> Client:
-    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+class TemporalUnavailable(RuntimeError):
+    """Temporal could not be reached or refused the call; nothing was started."""
+
+
+async def connect(settings: Settings, *, lazy: bool = False) -> Client:
+    # lazy: the API should come up and serve reads even while Temporal is still starting.
+    return await Client.connect(
+        settings.temporal_address, namespace=settings.temporal_namespace, lazy=lazy
+    )
 
 
 async def start_render(client: Client, store: JobStore, settings: Settings, job_id: int) -> str:
@@ -54,8 +62,15 @@ async def start_render(client: Client, store: JobStore, settings: Settings, job_
         )
         await _revert(store, job_id, previous, message)
         raise JobConflict(message) from exc
-    except BaseException as exc:
-        await _revert(store, job_id, previous, f"Could not start the render: {exc}")
+    except (RPCError, RuntimeError) as exc:
+        # RuntimeError is how a lazy client reports that its first connect failed.
+        message = f"Temporal at {settings.temporal_address} is unavailable: {exc}"
+        await _revert(
+            store, job_id, previous, "Could not start the render: Temporal is unavailable"
+        )
+        raise TemporalUnavailable(message) from exc
+    except BaseException:
+        await _revert(store, job_id, previous, "Could not start the render")
         raise
     return workflow_id
 

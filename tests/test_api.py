@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from support import Stack
+import socket
+from pathlib import Path
+
+import httpx
+from support import Stack, make_settings
+
+from api.main import create_app
+from local_replicate.testing import RunningServer
+from local_replicate.threaded import UvicornThread
 
 
 async def test_unknown_job_is_404(stack: Stack) -> None:
@@ -66,3 +74,37 @@ async def test_video_of_unfinished_job_is_404(stack: Stack) -> None:
     response = await stack.api.get(f"/api/videos/{job_id}/data")
     assert response.status_code == 404
     assert "no video yet" in response.json()["detail"]
+
+
+async def test_out_of_range_job_ids_are_422_not_500(stack: Stack) -> None:
+    for path in [
+        "/api/v2/jobs/99999999999999999999999",
+        "/api/v2/jobs/0",
+        "/api/videos/99999999999999999999/data",
+    ]:
+        response = await stack.api.get(path)
+        assert response.status_code == 422, (path, response.text)
+        assert response.json()["detail"][0]["loc"] == ["path", "job_id"]
+    response = await stack.api.post("/api/v2/jobs/99999999999999999999999/approve")
+    assert response.status_code == 422
+
+
+async def test_approve_while_temporal_is_down_is_503_and_keeps_the_job(
+    renderer: RunningServer, tmp_path: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    settings = make_settings(tmp_path, closed, renderer.base_url)
+    with UvicornThread(create_app(settings)) as server:
+        async with httpx.AsyncClient(base_url=server.base_url) as api:
+            created = await api.post(
+                "/api/v2/jobs", json={"storyboard": [{"image_url": "http://a/b.png"}]}
+            )
+            job_id = created.json()["job_id"]
+            response = await api.post(f"/api/v2/jobs/{job_id}/approve")
+            assert response.status_code == 503
+            assert "unavailable" in response.json()["detail"]
+            job = (await api.get(f"/api/v2/jobs/{job_id}")).json()
+            assert job["status"] == "ready"
+            assert job["approved"] is True
