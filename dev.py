@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -81,7 +82,12 @@ def main() -> int:
         args = [str(BIN / "python"), "-m", "pytest", *(rest or ["-q"])]
     else:
         args = [str(BIN / "render-video"), command, *rest]
-    return subprocess.call(args, env=env)
+    child = subprocess.Popen(args, env=env)
+    # Ctrl-C reaches the child too (same process group); it shuts its stack down and exits,
+    # so this wrapper only waits for it. SIGTERM is passed on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: child.send_signal(signum))
+    return child.wait()
 
 
 if __name__ == "__main__":

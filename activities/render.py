@@ -222,6 +222,9 @@ class RenderActivities:
 
         folder = self.settings.video_dir(input.job_id)
         folder.mkdir(parents=True, exist_ok=True)
+        # A worker killed mid-download leaves its partial file; one download runs per job.
+        for stale in folder.glob(".download-*.part"):
+            stale.unlink(missing_ok=True)
         final = folder / "final.mp4"
         partial = folder / f".download-{uuid.uuid4().hex}.part"
         headers = (

@@ -144,9 +144,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def __getattr__(name: str) -> Any:
-    # `uvicorn api.main:app` builds the app on first use, so importing this module for
-    # `create_app` (tests) does not read the environment.
-    if name == "app":
-        return create_app()
-    raise AttributeError(name)
+app = create_app()

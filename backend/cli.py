@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_dev(settings)
     try:
         return cmd_demo(settings)
+    except KeyboardInterrupt:
+        return 130
     except (urllib.error.URLError, OSError) as exc:
         print(f"Demo failed: {exc}", file=sys.stderr)
         return 1
