@@ -148,6 +148,7 @@ async def test_seed_entry_point_render_video_task(stack: Stack) -> None:
         DATABASE_URL=settings.resolved_database_url,
         TEMPORAL_ADDRESS=settings.temporal_address,
         TASK_QUEUE=settings.task_queue,
+        POLL_INTERVAL_SECONDS="0.2",
     )
     script = (
         "import json, sys\n"

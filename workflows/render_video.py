@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -166,14 +166,14 @@ class RenderVideo:
         )
 
     async def _wait_for_prediction(
-        self, input: RenderVideoInput, prediction_id: str, started_at: object
+        self, input: RenderVideoInput, prediction_id: str, started_at: datetime
     ) -> PredictionOutcome:
         # Polling is the retry policy of one activity: each "still running" is a failed
         # attempt that the server retries after the poll interval, so the history stays
         # the same size however long the render takes.
         interval = timedelta(seconds=input.poll_interval_seconds)
         deadline = timedelta(seconds=input.render_timeout_seconds)
-        remaining = deadline - (workflow.now() - started_at)  # type: ignore[operator]
+        remaining = deadline - (workflow.now() - started_at)
         try:
             return await workflow.execute_activity_method(
                 RenderActivities.poll_prediction,
