@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Column, Numeric, Text, event
 from sqlalchemy.engine import Engine, make_url
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, create_engine
 
 from backend.settings import get_settings
 from backend.storyboard import NO_STORYBOARD, Storyboard
@@ -156,10 +156,6 @@ class JobStore:
             if job is None:
                 raise JobNotFound(job_id)
             return job_to_dict(job)
-
-    def exists(self, job_id: int) -> bool:
-        with Session(self.engine) as session:
-            return session.exec(select(Job.id).where(Job.id == job_id)).first() is not None
 
     def set_storyboard(self, job_id: int, storyboard: Any) -> dict[str, Any]:
         parsed = Storyboard.parse(storyboard)

@@ -18,7 +18,6 @@ from backend.settings import Settings
 _MODEL_ERRORS = (pydantic.ValidationError, pydantic.v1.ValidationError)
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
-FAILED = frozenset({"failed", "canceled", "aborted"})
 
 
 @dataclass
@@ -27,8 +26,6 @@ class PredictionState:
     status: str
     output: Any = None
     error: str | None = None
-    logs: str | None = None
-    predict_time: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -44,14 +41,11 @@ class PredictionState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PredictionState:
-        metrics = data.get("metrics") or {}
         return cls(
             id=data["id"],
             status=data["status"],
             output=data.get("output"),
             error=_error_text(data.get("error")),
-            logs=data.get("logs"),
-            predict_time=metrics.get("predict_time"),
         )
 
 
@@ -126,12 +120,3 @@ def is_retryable(error: ReplicateError) -> bool:
     status = error.status or 0
     return status in (408, 409, 425, 429) or status >= 500
 
-
-__all__ = [
-    "FAILED",
-    "TERMINAL",
-    "PredictionState",
-    "ProviderClient",
-    "ReplicateError",
-    "is_retryable",
-]
