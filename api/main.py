@@ -113,15 +113,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def approve(
         job_id: JobId, store: StoreDep, temporal: TemporalDep, settings: SettingsDep
     ) -> RenderStarted:
-        await asyncio.to_thread(store.approve, job_id)
+        job = await asyncio.to_thread(store.approve, job_id)
         workflow_id = await start_render(temporal, store, settings, job_id)
-        return RenderStarted(status="rendering_started", job_id=job_id, workflow_id=workflow_id)
+        # A completed job is never rendered (or billed) again.
+        status = "completed" if job["status"] == JobStatus.COMPLETED else "rendering_started"
+        return RenderStarted(status=status, job_id=job_id, workflow_id=workflow_id)
 
     @app.get("/api/v2/jobs/{job_id}")
     async def get_job_status(job_id: JobId, store: StoreDep) -> dict[str, Any]:
         return job_view(await asyncio.to_thread(store.get, job_id))
 
-    @app.get("/api/videos/{job_id}/data", response_class=FileResponse)
+    # HEAD too: players and download tools ask for the size before they fetch.
+    @app.api_route(
+        "/api/videos/{job_id}/data", methods=["GET", "HEAD"], response_class=FileResponse
+    )
     async def video_data(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Any:
         job = await asyncio.to_thread(store.get, job_id)
         path = settings.video_path(job_id)

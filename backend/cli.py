@@ -277,7 +277,13 @@ def run_demo(settings: Settings, stack: Stack | None = None, timeout: float = 30
     print(f"Video: {path}")
     print(f"Served at: {base}{status['video_url']}")
     print(f"Cost: ${status['actual_cost']:.2f}")
-    print(f"Inspect the run: temporal workflow show -w {started['workflow_id']}")
+    if stack is not None:
+        print(
+            "The local stack is stopped again; to look at the run, start it with `render-video dev`"
+        )
+    print(
+        f"Inspect the run: {temporal_binary()} workflow show -w {started['workflow_id']} --detailed"
+    )
     return 0
 
 

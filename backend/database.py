@@ -195,12 +195,16 @@ class JobStore:
             job.workflow_id = workflow_id
             return job_to_dict(job)
 
-    def revert_rendering(self, job_id: int, status: str, message: str) -> None:
+    def revert_rendering(
+        self, job_id: int, status: str, message: str, workflow_id: str | None
+    ) -> None:
         """Undo `mark_rendering` when the workflow could not be started."""
         with self._job(job_id) as job:
             if job.status == JobStatus.RENDERING:
                 job.status = status
+                job.current_stage = "storyboard" if status == JobStatus.READY else status
                 job.progress_message = message
+                job.workflow_id = workflow_id
 
     def progress(
         self,

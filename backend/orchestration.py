@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -13,6 +14,8 @@ from backend.database import JobConflict, JobStatus, JobStore
 from backend.settings import Settings
 from workflows.payloads import RenderVideoInput, RenderVideoResult
 from workflows.render_video import RenderVideo, workflow_id_for
+
+log = logging.getLogger(__name__)
 
 
 class TemporalUnavailable(RuntimeError):
@@ -36,7 +39,7 @@ async def start_render(client: Client, store: JobStore, settings: Settings, job_
     workflow_id = workflow_id_for(job_id)
     if job["status"] == JobStatus.COMPLETED:
         return workflow_id
-    previous = job["status"]
+    previous = job["status"], job["workflow_id"]
     # Marked before the start so a run that ends at once cannot be overwritten afterwards.
     await asyncio.to_thread(store.mark_rendering, job_id, workflow_id)
     try:
@@ -64,10 +67,9 @@ async def start_render(client: Client, store: JobStore, settings: Settings, job_
         raise JobConflict(message) from exc
     except (RPCError, RuntimeError) as exc:
         # RuntimeError is how a lazy client reports that its first connect failed.
-        message = f"Temporal at {settings.temporal_address} is unavailable: {exc}"
-        await _revert(
-            store, job_id, previous, "Could not start the render: Temporal is unavailable"
-        )
+        log.warning("Could not start %s: %s", workflow_id, exc)
+        message = f"Temporal at {settings.temporal_address} is unavailable; try again shortly"
+        await _revert(store, job_id, previous, f"Could not start the render: {message}")
         raise TemporalUnavailable(message) from exc
     except BaseException:
         await _revert(store, job_id, previous, "Could not start the render")
@@ -75,9 +77,12 @@ async def start_render(client: Client, store: JobStore, settings: Settings, job_
     return workflow_id
 
 
-async def _revert(store: JobStore, job_id: int, previous: str, message: str) -> None:
-    if previous != JobStatus.RENDERING:
-        await asyncio.to_thread(store.revert_rendering, job_id, previous, message)
+async def _revert(
+    store: JobStore, job_id: int, previous: tuple[str, str | None], message: str
+) -> None:
+    status, workflow_id = previous
+    if status != JobStatus.RENDERING:
+        await asyncio.to_thread(store.revert_rendering, job_id, status, message, workflow_id)
 
 
 async def wait_for_render(client: Client, job_id: int) -> RenderVideoResult | None:

@@ -119,4 +119,3 @@ def is_retryable(error: ReplicateError) -> bool:
     """Throttling and server trouble pass; a bad token or a bad request will not."""
     status = error.status or 0
     return status in (408, 409, 425, 429) or status >= 500
-

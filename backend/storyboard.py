@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_SCENE_SECONDS = 2.0
+# Bounds that keep a storyboard well inside Temporal's 2 MiB payload limit and within what a
+# video model renders in one prediction: refused when the storyboard is set, not mid-render.
+MAX_SCENES = 200
+MAX_URL_LENGTH = 2048
+MAX_PROMPT_LENGTH = 1000
+MAX_SCENE_SECONDS = 600
+MAX_TOTAL_SECONDS = 3600
 
 # The seed's messages, verbatim: clients match on them.
 NOT_APPROVED = "Storyboard must be approved"
@@ -24,22 +32,44 @@ class StoryboardError(ValueError):
 
 class Scene(BaseModel):
     # None is allowed while a scene's image is still being generated; rendering refuses it.
-    image_url: str | None = None
-    prompt: str | None = None
-    duration_seconds: float = Field(default=DEFAULT_SCENE_SECONDS, gt=0, le=600)
+    image_url: str | None = Field(default=None, max_length=MAX_URL_LENGTH)
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_LENGTH)
+    duration_seconds: float = Field(
+        default=DEFAULT_SCENE_SECONDS, gt=0, le=MAX_SCENE_SECONDS, allow_inf_nan=False
+    )
 
     @field_validator("image_url")
     @classmethod
     def _http_only(cls, value: str | None) -> str | None:
         if value is None or value.strip() == "":
             return None
-        if not value.lower().startswith(("http://", "https://")):
-            raise ValueError("image_url must be an http or https URL")
+        parts = urlsplit(value)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("image_url must be an http or https URL with a host")
+        if any(ch.isspace() for ch in value):
+            raise ValueError("image_url must not contain spaces")
+        return value
+
+    @field_validator("duration_seconds", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        # JSON true would otherwise pass as 1 second.
+        if isinstance(value, bool):
+            raise ValueError("duration_seconds must be a number of seconds")
         return value
 
 
 class Storyboard(BaseModel):
-    scenes: list[Scene]
+    scenes: list[Scene] = Field(max_length=MAX_SCENES)
+
+    @model_validator(mode="after")
+    def _total_length(self) -> Storyboard:
+        if self.total_seconds > MAX_TOTAL_SECONDS:
+            raise ValueError(
+                f"The video would last {self.total_seconds:g} seconds; "
+                f"at most {MAX_TOTAL_SECONDS} are allowed"
+            )
+        return self
 
     @classmethod
     def parse(cls, data: Any) -> Storyboard:
@@ -85,5 +115,6 @@ def _describe(exc: ValidationError) -> str:
             where = f"Scene {loc[1] + 1}" + (f" {'.'.join(map(str, loc[2:]))}" if loc[2:] else "")
         else:
             where = ".".join(map(str, loc)) or "storyboard"
-        parts.append(f"{where}: {error['msg']}")
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(message if where == "storyboard" else f"{where}: {message}")
     return "Invalid storyboard: " + "; ".join(parts)

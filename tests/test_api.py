@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -35,6 +36,7 @@ async def test_approve_without_storyboard_is_409(stack: Stack) -> None:
 
 async def test_malformed_bodies_are_422(stack: Stack) -> None:
     job_id = await stack.create_job()
+    sb = f"/api/v2/jobs/{job_id}/storyboard"
     cases = [
         ("POST", "/api/v2/jobs", b"{not json"),
         ("PUT", f"/api/v2/jobs/{job_id}/storyboard", b"{not json"),
@@ -46,6 +48,17 @@ async def test_malformed_bodies_are_422(stack: Stack) -> None:
             b'[{"image_url": "http://a/b", "duration_seconds": -1}]',
         ),
         ("POST", "/api/v2/jobs", b'{"storyboard": 42}'),
+        ("PUT", sb, b'[{"image_url": "http://a/b", "duration_seconds": NaN}]'),
+        ("PUT", sb, b'[{"image_url": "http://a/b", "duration_seconds": true}]'),
+        ("PUT", sb, b'[{"image_url": "http://"}]'),
+        ("PUT", sb, b'[{"image_url": "http://a b/c.png"}]'),
+        ("PUT", sb, json.dumps([{"image_url": "http://a/b", "prompt": "x" * 1001}]).encode()),
+        ("PUT", sb, json.dumps([{"image_url": "http://a/b"}] * 201).encode()),
+        (
+            "PUT",
+            sb,
+            json.dumps([{"image_url": "http://a/b", "duration_seconds": 600}] * 7).encode(),
+        ),
     ]
     for method, path, body in cases:
         response = await stack.api.request(
@@ -108,3 +121,5 @@ async def test_approve_while_temporal_is_down_is_503_and_keeps_the_job(
             job = (await api.get(f"/api/v2/jobs/{job_id}")).json()
             assert job["status"] == "ready"
             assert job["approved"] is True
+            assert job["workflow_id"] is None
+            assert job["progress"]["current_stage"] == "storyboard"

@@ -12,6 +12,7 @@ from pathlib import Path
 import av
 from support import Stack
 from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus
 
 from backend.cost import render_cost
 
@@ -82,6 +83,10 @@ async def test_video_supports_range_requests(stack: Stack) -> None:
     assert part.status_code == 206
     assert part.content == whole[4:12]
     assert part.content[:4] == b"ftyp"
+    head = await stack.api.head(f"/api/videos/{job_id}/data")
+    assert head.status_code == 200
+    assert head.headers["content-length"] == str(len(whole))
+    assert head.content == b""
     assert part.headers["content-range"] == f"bytes 4-11/{len(whole)}"
 
 
@@ -116,6 +121,7 @@ async def test_second_approve_starts_no_second_render(stack: Stack) -> None:
     assert (await stack.wait_closed(job_id))["status"] == "completed"
     third = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
     assert third.json()["workflow_id"] == first.json()["workflow_id"]
+    assert third.json()["status"] == "completed"
     assert stack.renderer.stats()["creates"] == 1
     assert (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()["status"] == "completed"
 
@@ -175,3 +181,20 @@ async def test_seed_entry_point_render_video_task(stack: Stack) -> None:
     assert status == "completed"
     assert video_url == f"/api/videos/{job_id}/data"
     assert cost == float(render_cost(2, 2))
+
+
+async def test_temporal_cancel_cancels_prediction_and_job(stack: Stack) -> None:
+    stack.renderer.add_fault("slow_start", times=1, delay=30)
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    handle = stack.temporal.get_workflow_handle(f"render-video-{job_id}")
+    for _ in range(100):
+        if stack.store.get(job_id)["prediction_id"]:
+            break
+        await asyncio.sleep(0.1)
+    await handle.cancel()
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "cancelled"
+    assert job["error_message"] == "Render cancelled"
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    assert stack.renderer.stats()["cancelled_ids"] == [job["prediction_id"]]
