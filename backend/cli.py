@@ -278,9 +278,7 @@ def run_demo(settings: Settings, stack: Stack | None = None, timeout: float = 30
     print(f"Served at: {base}{status['video_url']}")
     print(f"Cost: ${status['actual_cost']:.2f}")
     if stack is not None:
-        print(
-            "The local stack is stopped again; to look at the run, start it with `render-video dev`"
-        )
+        print("The demo stopped its stack; run `python3 dev.py dev` to look at the run")
     print(
         f"Inspect the run: {temporal_binary()} workflow show -w {started['workflow_id']} --detailed"
     )
