@@ -58,14 +58,7 @@ class Stack:
                 f"{name}: port {ready[1]} on {ready[0]} is already in use; stop what runs there "
                 "or change the port in the settings"
             )
-        out = subprocess.DEVNULL if self.quiet else None
-        log_dir = self.settings.data_dir / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_file = (log_dir / f"{name}.log").open("ab") if self.quiet else None
-        proc = subprocess.Popen(
-            args, stdout=log_file or out, stderr=log_file or out, start_new_session=True
-        )
-        self.children.append((name, proc))
+        proc = self.launch(name, args)
         deadline = time.monotonic() + timeout
         while not _port_open(*ready):
             if proc.poll() is not None:
@@ -120,7 +113,8 @@ class Stack:
                 ],
                 ("127.0.0.1", settings.local_render_port),
             )
-        self.spawn_worker()
+        # The worker listens on no port: it is ready once it polls Temporal.
+        self.launch("worker", [sys.executable, "-m", "worker"])
         self.spawn(
             "api",
             [
@@ -138,15 +132,21 @@ class Stack:
             (settings.api_host, settings.api_port),
         )
 
-    def spawn_worker(self) -> None:
-        out = None
+    def launch(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Starts a child in its own session, so Ctrl-C reaches it only through `stop`."""
+        log = None
         if self.quiet:
             log_dir = self.settings.data_dir / "logs"
-            out = (log_dir / "worker.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker"], stdout=out, stderr=out, start_new_session=True
-        )
-        self.children.append(("worker", proc))
+            log_dir.mkdir(parents=True, exist_ok=True)
+            log = (log_dir / f"{name}.log").open("ab")
+        try:
+            proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        finally:
+            # The child holds its own copy of the descriptor.
+            if log:
+                log.close()
+        self.children.append((name, proc))
+        return proc
 
     def stop(self) -> None:
         for name, proc in reversed(self.children):

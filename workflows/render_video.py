@@ -45,6 +45,14 @@ QUICK = RetryPolicy(
     maximum_attempts=5,
     non_retryable_error_types=NON_RETRYABLE,
 )
+# Throttling (429) and provider outages pass within minutes; a bad request fails at once.
+PROVIDER_CREATE = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=60),
+    maximum_attempts=6,
+    non_retryable_error_types=NON_RETRYABLE,
+)
 # The seed's download retries: 3 attempts, 30 s then 90 s apart.
 DOWNLOAD_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=30),
@@ -112,13 +120,7 @@ class RenderVideo:
                 prompt=images.prompt,
             ),
             start_to_close_timeout=timedelta(seconds=60),
-            retry_policy=RetryPolicy(
-                initial_interval=timedelta(seconds=5),
-                backoff_coefficient=2.0,
-                maximum_interval=timedelta(seconds=60),
-                maximum_attempts=6,
-                non_retryable_error_types=NON_RETRYABLE,
-            ),
+            retry_policy=PROVIDER_CREATE,
         )
         self._prediction_id = prediction.prediction_id
 
