@@ -15,7 +15,7 @@ from temporalio.worker import Worker
 
 from activities.render import RenderActivities
 from backend.database import JobStore, make_engine
-from backend.orchestration import connect
+from backend.orchestration import connect, ensure_search_attributes
 from backend.provider import ProviderClient
 from backend.settings import Settings, get_settings
 from workflows.render_video import RenderVideo
@@ -50,6 +50,7 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     client = await connect(settings)
+    await ensure_search_attributes(client, settings)
     async with running_worker(client, settings):
         log.info(
             "worker running on task queue %r at %s", settings.task_queue, settings.temporal_address

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,10 +20,11 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from backend.cost import render_cost
 from backend.database import JobNotFound, JobStatus, JobStore
-from backend.provider import ProviderClient, ReplicateError, is_retryable
+from backend.provider import PredictionState, ProviderClient, ReplicateError, is_retryable
 from backend.settings import Settings
 from backend.storyboard import NO_STORYBOARD, NOT_APPROVED, Storyboard, StoryboardError
 from workflows.payloads import (
+    ApprovalRecorded,
     CancelPredictionInput,
     CancelPredictionResult,
     CostRecord,
@@ -33,9 +37,11 @@ from workflows.payloads import (
     PollPredictionInput,
     PredictionOutcome,
     PredictionRef,
+    RecordApprovalInput,
     RecordCostInput,
     StartPredictionInput,
     StoryboardSummary,
+    ValidateStoryboardInput,
     VerifyVideoInput,
     VideoInfo,
 )
@@ -45,6 +51,11 @@ T = TypeVar("T")
 CHUNK = 1024 * 1024
 MP4_MAGIC = b"ftyp"
 DOWNLOAD_ATTEMPTS = 3
+# Heartbeats go out this often during long calls, so a cancel or a dead worker is
+# noticed within the activity's heartbeat timeout rather than its whole run time.
+HEARTBEAT_EVERY = 1.0
+# A create that went through unseen shows up in the provider's list this close to its intent.
+CLOCK_SLACK = timedelta(minutes=2)
 
 
 def video_url_for(job_id: int) -> str:
@@ -72,6 +83,7 @@ class RenderActivities:
         """Every activity, for registering on a worker."""
         return [
             self.validate_storyboard,
+            self.record_approval,
             self.extract_images,
             self.start_prediction,
             self.poll_prediction,
@@ -92,9 +104,9 @@ class RenderActivities:
     async def _progress(self, job_id: int, stage: str, message: str, **counts: int) -> None:
         await self._db(self.store.progress, job_id, stage, message, **counts)
 
-    async def _storyboard(self, job_id: int) -> Storyboard:
+    async def _storyboard(self, job_id: int, *, require_approval: bool = True) -> Storyboard:
         job = await self._db(self.store.get, job_id)
-        if not job["approved"]:
+        if require_approval and not job["approved"]:
             raise _fatal(NOT_APPROVED, "StoryboardInvalid")
         if not job["storyboard_data"]:
             raise _fatal(NO_STORYBOARD, "StoryboardInvalid")
@@ -106,12 +118,29 @@ class RenderActivities:
         return storyboard
 
     @activity.defn
-    async def validate_storyboard(self, input: JobRef) -> StoryboardSummary:
+    async def validate_storyboard(self, input: ValidateStoryboardInput) -> StoryboardSummary:
         await self._progress(input.job_id, "validating", "Validating storyboard...")
-        storyboard = await self._storyboard(input.job_id)
-        return StoryboardSummary(
-            scenes_total=len(storyboard.scenes), planned_seconds=storyboard.total_seconds
+        storyboard = await self._storyboard(input.job_id, require_approval=input.require_approval)
+        estimate = render_cost(
+            len(storyboard.scenes),
+            Decimal(str(round(storyboard.total_seconds, 3))),
+            price_per_image=self.settings.price_per_image,
+            price_per_second=self.settings.price_per_video_second,
         )
+        await self._db(self.store.set_estimate, input.job_id, estimate)
+        job = await self._db(self.store.get, input.job_id)
+        max_cost = job["max_cost"]
+        return StoryboardSummary(
+            scenes_total=len(storyboard.scenes),
+            planned_seconds=storyboard.total_seconds,
+            estimated_cost=str(estimate),
+            max_cost=f"{Decimal(str(max_cost)):.2f}" if max_cost is not None else None,
+        )
+
+    @activity.defn
+    async def record_approval(self, input: RecordApprovalInput) -> ApprovalRecorded:
+        job = await self._db(self.store.record_approval, input.job_id, input.approved_by)
+        return ApprovalRecorded(job_id=input.job_id, status=job["status"])
 
     @activity.defn
     async def extract_images(self, input: JobRef) -> ExtractedImages:
@@ -131,15 +160,7 @@ class RenderActivities:
             prompt=" / ".join(prompts) or None,
         )
 
-    @activity.defn
-    async def start_prediction(self, input: StartPredictionInput) -> PredictionRef:
-        job = await self._db(self.store.get, input.job_id)
-        if job["prediction_id"]:
-            # An earlier attempt created it and recorded it, then lost its answer: never
-            # pay for a second one.
-            state = await self.provider.get(job["prediction_id"])
-            return PredictionRef(prediction_id=state.id, status=state.status, adopted=True)
-
+    def _model_input(self, input: StartPredictionInput) -> dict[str, Any]:
         fields = self.settings
         model_input: dict[str, Any] = {
             fields.model_images_field: input.image_urls,
@@ -147,10 +168,121 @@ class RenderActivities:
         }
         if input.prompt and fields.model_prompt_field:
             model_input[fields.model_prompt_field] = input.prompt
+        return model_input
+
+    def _digest(self, model_input: dict[str, Any]) -> str:
+        model = self.settings.replicate_model.partition(":")[0]
+        canonical = json.dumps({"model": model, "input": model_input}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @activity.defn
+    async def start_prediction(self, input: StartPredictionInput) -> PredictionRef:
+        """Creates the job's one prediction, or adopts the one an earlier attempt created.
+
+        Replicate has no idempotency key, so the ledger records the intent before the
+        create and the id after it. An intent without an id means a worker died (or the
+        answer was lost) mid-create: the provider's list is searched for that prediction
+        before anything new is created.
+        """
+        run_id = activity.info().workflow_run_id
+        model_input = self._model_input(input)
+        digest = self._digest(model_input)
+        webhook = self.settings.webhook_url
+        entries = await self._db(self.store.ledger, input.job_id, run_id)
+
+        for entry in entries:
+            if entry["prediction_id"] and entry["state"] in ("created", "adopted"):
+                state = await self._provider_call(self.provider.get(entry["prediction_id"]))
+                return self._ref(state, adopted=True, webhook=bool(webhook))
+
+        unrecorded = [entry for entry in entries if not entry["prediction_id"]]
+        if unrecorded:
+            since = min(_aware(entry["intent_at"]) for entry in unrecorded)
+            adopted = await self._adopt_unrecorded(
+                input.job_id, run_id, digest, unrecorded[-1]["id"], since
+            )
+            if adopted is not None:
+                return self._ref(adopted, adopted=True, webhook=bool(webhook))
+
+        entry_id = await self._db(self.store.record_intent, input.job_id, run_id, digest)
+        state = await self._provider_call(
+            self.provider.create(
+                model_input,
+                webhook=f"{webhook}?job_id={input.job_id}" if webhook else None,
+                webhook_events_filter=["completed"] if webhook else None,
+            )
+        )
+        await self._db(self.store.record_prediction, entry_id, state.id, "created")
+        await self._progress(input.job_id, "rendering", "Rendering video from images...")
+        return self._ref(state, adopted=False, webhook=bool(webhook))
+
+    @staticmethod
+    def _ref(state: PredictionState, *, adopted: bool, webhook: bool) -> PredictionRef:
+        return PredictionRef(
+            prediction_id=state.id,
+            status=state.status,
+            adopted=adopted,
+            webhook=webhook,
+            output_url=state.output_url,
+            error=state.error,
+        )
+
+    async def _find_unrecorded(self, digest: str, since: datetime) -> list[dict[str, Any]]:
+        """Predictions with this exact input created since `since` that no ledger entry holds,
+        newest first."""
+        model = self.settings.replicate_model.partition(":")[0]
+        listed = await self._provider_call(self.provider.list_since(since - CLOCK_SLACK))
+        candidates = [
+            item
+            for item in listed
+            if isinstance(item.get("input"), dict)
+            and self._digest(item["input"]) == digest
+            and item.get("model") in (None, model)
+        ]
+        ids = [item["id"] for item in candidates]
+        claimed = await self._db(self.store.claimed, ids)
+        return [item for item in candidates if item["id"] not in claimed]
+
+    async def _adopt_unrecorded(
+        self,
+        job_id: int,
+        run_id: str,
+        digest: str,
+        entry_id: int,
+        since: datetime,
+    ) -> PredictionState | None:
+        found = await self._find_unrecorded(digest, since)
+        adopted: PredictionState | None = None
+        # Newest first: keep the one most likely still rendering; cancel the rest.
+        for item in found:
+            if adopted is None and item.get("status") not in ("failed", "canceled", "aborted"):
+                if await self._db(self.store.record_prediction, entry_id, item["id"], "adopted"):
+                    adopted = PredictionState.from_json(item)
+                    activity.logger.warning(
+                        "Adopted prediction %s, created by an attempt that did not record it",
+                        item["id"],
+                    )
+                    continue
+            await self._cancel_orphan(job_id, run_id, digest, item["id"])
+        if adopted is not None:
+            await self._progress(job_id, "rendering", "Rendering video from images...")
+        return adopted
+
+    async def _cancel_orphan(
+        self, job_id: int, run_id: str, digest: str, prediction_id: str
+    ) -> None:
+        state = await self._provider_call(self.provider.cancel(prediction_id))
+        await self._db(self.store.record_orphan, job_id, run_id, prediction_id, digest)
+        activity.logger.warning(
+            "Cancelled orphaned prediction %s of job %s (%s)", prediction_id, job_id, state.status
+        )
+
+    async def _provider_call(self, call: Awaitable[T]) -> T:
+        """A provider call with heartbeats, and Replicate's errors in our words."""
         try:
-            state = await self.provider.create(model_input)
+            return await _heartbeating(call)
         except ReplicateError as exc:
-            message = f"Replicate refused the prediction (HTTP {exc.status}): {exc.detail or exc}"
+            message = f"Replicate refused the request (HTTP {exc.status}): {exc.detail or exc}"
             if is_retryable(exc):
                 raise ApplicationError(message, type="ProviderUnavailable") from exc
             raise _fatal(message, "BadRequest") from exc
@@ -159,26 +291,10 @@ class RenderActivities:
                 f"Could not reach Replicate at {self.provider.base_url}: {exc!r}",
                 type="ProviderUnavailable",
             ) from exc
-        await self._db(self.store.set_prediction, input.job_id, state.id)
-        await self._progress(input.job_id, "rendering", "Rendering video from images...")
-        return PredictionRef(prediction_id=state.id, status=state.status)
 
     @activity.defn
     async def poll_prediction(self, input: PollPredictionInput) -> PredictionOutcome:
-        try:
-            state = await self.provider.get(input.prediction_id)
-        except ReplicateError as exc:
-            message = (
-                f"Could not read prediction {input.prediction_id} "
-                f"(HTTP {exc.status}): {exc.detail or exc}"
-            )
-            if is_retryable(exc):
-                raise ApplicationError(message, type="ProviderUnavailable") from exc
-            raise _fatal(message, "BadRequest") from exc
-        except httpx.HTTPError as exc:
-            raise ApplicationError(
-                f"Could not reach Replicate: {exc!r}", type="ProviderUnavailable"
-            ) from exc
+        state = await self._provider_call(self.provider.get(input.prediction_id))
         if not state.terminal:
             await self._progress(
                 input.job_id,
@@ -202,11 +318,33 @@ class RenderActivities:
 
     @activity.defn
     async def cancel_prediction(self, input: CancelPredictionInput) -> CancelPredictionResult:
-        state = await self.provider.cancel(input.prediction_id)
-        await self._progress(
-            input.job_id, "cancelling", f"Prediction {state.id} cancelled ({state.status})"
-        )
-        return CancelPredictionResult(prediction_id=state.id, status=state.status)
+        """Cancels the run's prediction, and any its ledger shows was created unrecorded."""
+        run_id = activity.info().workflow_run_id
+        ids = [input.prediction_id] if input.prediction_id else []
+        entries = await self._db(self.store.ledger, input.job_id, run_id)
+        ids += [
+            e["prediction_id"]
+            for e in entries
+            if e["prediction_id"]
+            and e["state"] != "orphan_cancelled"
+            and e["prediction_id"] not in ids
+        ]
+        status = None
+        for prediction_id in ids:
+            state = await self._provider_call(self.provider.cancel(prediction_id))
+            status = status or state.status
+        unrecorded = [e for e in entries if not e["prediction_id"]]
+        if unrecorded:
+            since = min(_aware(e["intent_at"]) for e in unrecorded)
+            digest = unrecorded[-1]["input_digest"]
+            for item in await self._find_unrecorded(digest, since):
+                await self._cancel_orphan(input.job_id, run_id, digest, item["id"])
+                ids.append(item["id"])
+        if ids:
+            await self._progress(
+                input.job_id, "cancelling", f"Prediction {', '.join(ids)} cancelled"
+            )
+        return CancelPredictionResult(cancelled=ids, status=status)
 
     @activity.defn
     async def download_video(self, input: DownloadVideoInput) -> DownloadedVideo:
@@ -234,7 +372,7 @@ class RenderActivities:
         )
         limit = self.settings.max_video_bytes
         try:
-            size = await self._stream_to(input.url, headers, partial, limit)
+            size = await _heartbeating(self._stream_to(input.url, headers, partial, limit))
             os.replace(partial, final)
         finally:
             partial.unlink(missing_ok=True)
@@ -291,20 +429,48 @@ class RenderActivities:
             price_per_second=self.settings.price_per_video_second,
         )
         url = video_url_for(input.job_id)
-        await self._db(self.store.complete, input.job_id, video_url=url, actual_cost=cost)
-        return CostRecord(actual_cost=str(cost), video_url=url)
+        over = input.max_cost is not None and cost > Decimal(input.max_cost)
+        if over:
+            activity.logger.warning(
+                "Job %s cost $%s, over its budget of $%s", input.job_id, cost, input.max_cost
+            )
+        await self._db(
+            self.store.complete, input.job_id, video_url=url, actual_cost=cost, over_budget=over
+        )
+        return CostRecord(actual_cost=str(cost), video_url=url, over_budget=over)
 
     @activity.defn
     async def mark_job_failed(self, input: MarkJobFailedInput) -> JobClosed:
         status = JobStatus(input.status)
         notes = []
-        if status is JobStatus.CANCELLED:
-            # A cancelled job keeps no partial download behind.
-            for leftover in self.settings.video_dir(input.job_id).glob(".download-*.part"):
-                leftover.unlink(missing_ok=True)
-                notes.append(f"removed {leftover.name}")
+        job = await self._db(self.store.get, input.job_id)
+        if job["status"] != JobStatus.COMPLETED:
+            # A job that did not complete keeps no download behind, partial or whole.
+            folder = self.settings.video_dir(input.job_id)
+            for leftover in [*folder.glob(".download-*.part"), folder / "final.mp4"]:
+                if leftover.exists():
+                    leftover.unlink(missing_ok=True)
+                    notes.append(f"removed {leftover.name}")
         await self._db(self.store.fail, input.job_id, input.message, status=status)
         return JobClosed(job_id=input.job_id, status=status, notes=notes)
+
+
+async def _heartbeating(call: Awaitable[T]) -> T:
+    """Awaits `call`, heartbeating meanwhile; a cancel of the activity cancels the call."""
+    task = asyncio.ensure_future(call)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
+            if done:
+                return task.result()
+            activity.heartbeat()
+    finally:
+        task.cancel()
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands datetimes back without their zone; they were written in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class InvalidVideo(ValueError):

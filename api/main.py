@@ -4,22 +4,46 @@ status, and serve the finished videos."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
+from decimal import Decimal
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Path, Request
-from fastapi.responses import FileResponse, JSONResponse
+import replicate
+from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from replicate.webhook import WebhookSigningSecret
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import SettingsDep, StoreDep, TemporalDep
-from backend.database import JobConflict, JobNotFound, JobStatus, JobStore, make_engine
-from backend.orchestration import TemporalUnavailable, connect, start_render
+from backend.database import (
+    ACTIVE,
+    FINISHED,
+    JobConflict,
+    JobNotFound,
+    JobStatus,
+    JobStore,
+    make_engine,
+)
+from backend.orchestration import (
+    TemporalUnavailable,
+    cancel_render,
+    connect,
+    start_render,
+)
+from backend.provider import TERMINAL, PredictionState, ProviderClient
 from backend.settings import Settings, get_settings
 from backend.storyboard import StoryboardError
+from workflows.payloads import PredictionWebhook, RenderProgress
+from workflows.render_video import RenderVideo, workflow_id_for
 
 log = logging.getLogger("api")
 
@@ -30,6 +54,17 @@ JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The job's id")]
 
 class CreateJob(BaseModel):
     storyboard: Any = None
+    max_cost: Decimal | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        decimal_places=2,
+        description="Budget in dollars: a render estimated to cost more is refused",
+    )
+
+
+class ApproveBody(BaseModel):
+    approved_by: str | None = Field(default=None, max_length=200)
 
 
 class JobCreated(BaseModel):
@@ -43,18 +78,48 @@ class RenderStarted(BaseModel):
     workflow_id: str
 
 
-def job_view(job: dict[str, Any]) -> dict[str, Any]:
-    """The seed's response shapes, plus the job and workflow ids."""
+def job_view(job: dict[str, Any], live: RenderProgress | None = None) -> dict[str, Any]:
+    """The seed's response shapes, plus the job and workflow ids, the budget, and (while a
+    run goes) the run's own progress from its `progress` query."""
     status = job["status"]
     view: dict[str, Any] = {"status": status, "job_id": job["id"]}
     if status == JobStatus.COMPLETED:
         view |= {"video_url": job["video_url"], "actual_cost": job["actual_cost"]}
-    elif status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        if job["max_cost"] is not None:
+            view |= {"max_cost": job["max_cost"], "over_budget": job["over_budget"]}
+    elif status in FINISHED:
         view["error"] = job["error_message"]
     else:
-        view |= {"approved": job["approved"], "progress": job["progress"]}
+        # `progress` keeps the seed's four keys; `live` is the run's whole answer.
+        progress = dict(job["progress"])
+        if live is not None:
+            progress |= {
+                "current_stage": live.stage,
+                "message": live.message,
+                "scenes_total": live.scenes_total or progress["scenes_total"],
+                "scenes_completed": live.scenes_completed,
+            }
+        view |= {
+            "approved": job["approved"],
+            "progress": progress,
+            "live": dataclasses.asdict(live) if live is not None else None,
+        }
+        if job["max_cost"] is not None:
+            view["max_cost"] = job["max_cost"]
     view["workflow_id"] = job["workflow_id"]
     return view
+
+
+async def live_progress(client: Client, job: dict[str, Any]) -> RenderProgress | None:
+    """The running workflow's answer to `progress`; None when it cannot answer quickly."""
+    if job["status"] not in ACTIVE:
+        return None
+    handle = client.get_workflow_handle(job["workflow_id"] or workflow_id_for(job["id"]))
+    try:
+        return await handle.query(RenderVideo.progress, rpc_timeout=timedelta(seconds=2))
+    except Exception as exc:  # noqa: BLE001 - a read must not fail because Temporal is slow
+        log.debug("progress query for job %s failed: %s", job["id"], exc)
+        return None
 
 
 def _error(status: int, detail: str) -> JSONResponse:
@@ -69,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.store = JobStore(make_engine(settings.resolved_database_url))
         app.state.temporal = await connect(settings, lazy=True)
+        app.state.webhook_secret = settings.replicate_webhook_secret
         yield
 
     app = FastAPI(
@@ -90,6 +156,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _bad_storyboard(_: Request, exc: StoryboardError) -> JSONResponse:
         return _error(422, str(exc))
 
+    @app.exception_handler(ProviderUnreachable)
+    async def _provider_down(_: Request, exc: ProviderUnreachable) -> JSONResponse:
+        log.warning("%s", exc)
+        return _error(503, str(exc))
+
     @app.exception_handler(TemporalUnavailable)
     async def _temporal_down(_: Request, exc: TemporalUnavailable) -> JSONResponse:
         log.warning("%s", exc)
@@ -98,7 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/api/v2/jobs", status_code=201, response_model=JobCreated)
     async def create_job(store: StoreDep, body: CreateJob | None = None) -> JobCreated:
         storyboard = body.storyboard if body else None
-        job_id = await asyncio.to_thread(store.create, storyboard)
+        max_cost = body.max_cost if body else None
+        job_id = await asyncio.to_thread(store.create, storyboard, max_cost=max_cost)
         job = await asyncio.to_thread(store.get, job_id)
         return JobCreated(job_id=job_id, status=job["status"])
 
@@ -111,17 +183,116 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/api/v2/jobs/{job_id}/approve", response_model=RenderStarted)
     async def approve(
-        job_id: JobId, store: StoreDep, temporal: TemporalDep, settings: SettingsDep
+        job_id: JobId,
+        store: StoreDep,
+        temporal: TemporalDep,
+        settings: SettingsDep,
+        body: ApproveBody | None = None,
     ) -> RenderStarted:
+        """Approves and renders: signals the run waiting in review, or starts one."""
         job = await asyncio.to_thread(store.approve, job_id)
-        workflow_id = await start_render(temporal, store, settings, job_id)
+        approved_by = body.approved_by if body else None
+        workflow_id = await start_render(temporal, store, settings, job_id, approved_by=approved_by)
         # A completed job is never rendered (or billed) again.
         status = "completed" if job["status"] == JobStatus.COMPLETED else "rendering_started"
         return RenderStarted(status=status, job_id=job_id, workflow_id=workflow_id)
 
+    @app.post("/api/v2/jobs/{job_id}/review", response_model=RenderStarted)
+    async def submit_for_review(
+        job_id: JobId, store: StoreDep, temporal: TemporalDep, settings: SettingsDep
+    ) -> RenderStarted:
+        """Starts a run that validates the storyboard, then waits for an approval."""
+        job = await asyncio.to_thread(store.get, job_id)
+        if job["status"] == JobStatus.COMPLETED:
+            raise JobConflict(f"Job {job_id} is already completed")
+        workflow_id = await start_render(temporal, store, settings, job_id, review=True)
+        return RenderStarted(status="in_review", job_id=job_id, workflow_id=workflow_id)
+
+    @app.post("/api/v2/jobs/{job_id}/cancel", status_code=202)
+    async def cancel(job_id: JobId, store: StoreDep, temporal: TemporalDep) -> dict[str, Any]:
+        """Cancels the job's run; the job reads `cancelled` once the run has cleaned up."""
+        return await cancel_render(temporal, store, job_id)
+
     @app.get("/api/v2/jobs/{job_id}")
-    async def get_job_status(job_id: JobId, store: StoreDep) -> dict[str, Any]:
-        return job_view(await asyncio.to_thread(store.get, job_id))
+    async def get_job_status(
+        job_id: JobId, store: StoreDep, temporal: TemporalDep
+    ) -> dict[str, Any]:
+        job = await asyncio.to_thread(store.get, job_id)
+        return job_view(job, await live_progress(temporal, job))
+
+    @app.get("/api/v2/jobs/{job_id}/events")
+    async def job_events(
+        job_id: JobId,
+        request: Request,
+        store: StoreDep,
+        temporal: TemporalDep,
+        settings: SettingsDep,
+    ) -> StreamingResponse:
+        """Server-Sent Events: `progress` whenever the job's view changes, then `end`."""
+        await asyncio.to_thread(store.get, job_id)  # a 404 now, not inside the stream
+        return StreamingResponse(
+            _event_stream(job_id, request, store, temporal, settings),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/api/v2/webhooks/replicate")
+    async def replicate_webhook(
+        request: Request,
+        store: StoreDep,
+        temporal: TemporalDep,
+        settings: SettingsDep,
+        job_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    ) -> JSONResponse:
+        """Replicate's signed `completed` webhook, relayed to the job's run as a signal."""
+        raw = await request.body()
+        secret = await _webhook_secret(request.app, settings)
+        try:
+            replicate.webhooks.validate(
+                headers=dict(request.headers),
+                body=raw.decode("utf-8"),
+                secret=WebhookSigningSecret(key=secret),
+                tolerance=settings.webhook_tolerance_seconds,
+            )
+        except (ValueError, TypeError) as exc:
+            # ValueError covers replicate's WebhookValidationError, bad base64 and bad UTF-8.
+            reason = str(exc) or type(exc).__name__
+            return _error(401, f"Webhook signature rejected: {reason}")
+        webhook_id = request.headers["webhook-id"]
+        if await asyncio.to_thread(store.seen_webhook, webhook_id):
+            return JSONResponse({"status": "duplicate", "webhook_id": webhook_id})
+        try:
+            payload = json.loads(raw)
+            state = PredictionState.from_json(payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"Webhook body is not a prediction: {exc}")
+        if state.status not in TERMINAL:
+            # Only the final event matters to a run; earlier ones are acknowledged.
+            return JSONResponse({"status": "ignored", "prediction_status": state.status})
+        target = job_id or await asyncio.to_thread(store.job_for_prediction, state.id)
+        if target is None:
+            # 404 makes Replicate retry: the run may not have recorded the prediction yet.
+            return _error(404, f"No job knows prediction {state.id}")
+        handle = temporal.get_workflow_handle(workflow_id_for(target))
+        signal = PredictionWebhook(
+            prediction_id=state.id,
+            status=state.status,
+            output_url=state.output_url,
+            error=state.error,
+            webhook_id=webhook_id,
+        )
+        outcome = "signalled"
+        try:
+            await handle.signal(RenderVideo.prediction_finished, signal)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                log.warning("Could not relay webhook %s: %s", webhook_id, exc)
+                return _error(503, "Temporal is unavailable; retry the webhook")
+            outcome = "run_closed"  # a late webhook after the run ended: nothing to do
+        except RuntimeError:
+            return _error(503, "Temporal is unavailable; retry the webhook")
+        await asyncio.to_thread(store.remember_webhook, webhook_id, state.id)
+        return JSONResponse({"status": outcome, "job_id": target, "prediction_id": state.id})
 
     # HEAD too: players and download tools ask for the size before they fetch.
     @app.api_route(
@@ -147,6 +318,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     samples = resources.files("backend") / "samples"
     app.mount("/samples", StaticFiles(directory=str(samples)), name="samples")
     return app
+
+
+class ProviderUnreachable(RuntimeError):
+    """The webhook secret could not be fetched from Replicate."""
+
+
+async def _webhook_secret(app: FastAPI, settings: Settings) -> str:
+    # Fetched once: Replicate's default signing secret does not change under a running API.
+    if app.state.webhook_secret is None:
+        try:
+            app.state.webhook_secret = await ProviderClient(settings).webhook_secret()
+        except Exception as exc:  # noqa: BLE001 - any failure means: cannot verify now
+            raise ProviderUnreachable(
+                f"Could not fetch the webhook signing secret from {settings.provider_base_url}"
+            ) from exc
+    secret: str = app.state.webhook_secret
+    return secret
+
+
+async def _event_stream(
+    job_id: int, request: Request, store: JobStore, temporal: Client, settings: Settings
+) -> AsyncIterator[str]:
+    # A cadence, not a retry: each tick reads the run's progress and sends what changed.
+    last: dict[str, Any] | None = None
+    quiet = 0.0
+    while not await request.is_disconnected():
+        try:
+            job = await asyncio.to_thread(store.get, job_id)
+        except JobNotFound:
+            yield _sse("end", {"job_id": job_id, "status": "deleted"})
+            return
+        view = job_view(job, await live_progress(temporal, job))
+        if view != last:
+            yield _sse("progress", view)
+            last, quiet = view, 0.0
+        elif quiet >= 15:
+            yield ": keep-alive\n\n"  # proxies drop connections that stay silent
+            quiet = 0.0
+        if job["status"] in FINISHED:
+            yield _sse("end", view)
+            return
+        await asyncio.sleep(settings.events_interval_seconds)
+        quiet += settings.events_interval_seconds
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 app = create_app()

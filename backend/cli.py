@@ -89,6 +89,11 @@ class Stack:
                 str(settings.data_dir / "temporal.db"),
                 "--namespace",
                 settings.temporal_namespace,
+                # Runs are found with `temporal workflow list -q "JobId = '12'"`.
+                "--search-attribute",
+                "JobId=Keyword",
+                "--search-attribute",
+                "RenderStage=Keyword",
                 "--log-level",
                 "error",
             ],
@@ -140,13 +145,24 @@ class Stack:
             log_dir.mkdir(parents=True, exist_ok=True)
             log = (log_dir / f"{name}.log").open("ab")
         try:
-            proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=log, start_new_session=True, env=self.child_env()
+            )
         finally:
             # The child holds its own copy of the descriptor.
             if log:
                 log.close()
         self.children.append((name, proc))
         return proc
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        settings = self.settings
+        if settings.uses_local_renderer and not settings.public_base_url:
+            # The local render server reaches our API on loopback, so the dev stack runs
+            # with webhooks on, as production should; polling stays the fallback.
+            env["PUBLIC_BASE_URL"] = f"http://{settings.api_host}:{settings.api_port}"
+        return env
 
     def stop(self) -> None:
         for name, proc in reversed(self.children):

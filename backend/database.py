@@ -16,9 +16,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Numeric, Text, event
+from sqlalchemy import Boolean, Column, Numeric, Text, event, false, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlmodel import Field, Session, SQLModel, create_engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from backend.settings import get_settings
 from backend.storyboard import NO_STORYBOARD, Storyboard
@@ -31,9 +32,15 @@ class JobStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Submitted for review: validated, waiting for an approve signal.
+    IN_REVIEW = "in_review"
+    # Review timed out without an approval; nothing was billed.
+    EXPIRED = "expired"
 
 
-FINISHED = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+FINISHED = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+# A run is (or may be) going for jobs in these states.
+ACTIVE = {JobStatus.RENDERING, JobStatus.IN_REVIEW}
 
 
 def _now() -> datetime:
@@ -57,8 +64,44 @@ class Job(SQLModel, table=True):
     download_retries: int = 0
     prediction_id: str | None = Field(default=None, max_length=128)
     workflow_id: str | None = Field(default=None, max_length=128)
+    max_cost: Decimal | None = Field(default=None, sa_column=Column(Numeric(12, 2)))
+    estimated_cost: Decimal | None = Field(default=None, sa_column=Column(Numeric(12, 2)))
+    over_budget: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
+    approved_by: str | None = Field(default=None, max_length=200)
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
+
+
+class PredictionLedger(SQLModel, table=True):
+    """Every prediction a run meant to create, written before the create call.
+
+    Replicate has no idempotency key: an intent without a prediction id means a create may
+    have gone through unseen, and the provider's list is searched before creating another.
+    """
+
+    __tablename__ = "prediction_ledger"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(index=True)
+    run_id: str = Field(index=True, max_length=64)
+    input_digest: str = Field(max_length=64)
+    # intent -> created | adopted; orphan_cancelled for extra ones found and cancelled.
+    state: str = Field(default="intent", max_length=24)
+    prediction_id: str | None = Field(default=None, unique=True, max_length=128)
+    intent_at: datetime = Field(default_factory=_now)
+    updated_at: datetime = Field(default_factory=_now)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """Webhook ids already acted on: Replicate retries with the same id."""
+
+    __tablename__ = "webhook_deliveries"
+
+    webhook_id: str = Field(primary_key=True, max_length=200)
+    prediction_id: str | None = Field(default=None, max_length=128)
+    received_at: datetime = Field(default_factory=_now)
 
 
 class JobNotFound(LookupError):
@@ -90,7 +133,29 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     SQLModel.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    # create_all never alters a table: a job store made by an older release lacks the
+    # columns added since. All of them are nullable or have a server default.
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in SQLModel.metadata.sorted_tables:
+            present = {col["name"] for col in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = ""
+                if column.server_default is not None:
+                    value = column.server_default.arg  # type: ignore[attr-defined]
+                    compiled = value if isinstance(value, str) else value.compile(engine)
+                    default = f" NOT NULL DEFAULT {compiled}"
+                conn.execute(
+                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}')
+                )
 
 
 def _utc_iso(moment: datetime) -> str:
@@ -116,6 +181,10 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "download_retries": job.download_retries,
         "prediction_id": job.prediction_id,
         "workflow_id": job.workflow_id,
+        "max_cost": float(job.max_cost) if job.max_cost is not None else None,
+        "estimated_cost": float(job.estimated_cost) if job.estimated_cost is not None else None,
+        "over_budget": bool(job.over_budget),
+        "approved_by": job.approved_by,
         "created_at": _utc_iso(job.created_at),
         "updated_at": _utc_iso(job.updated_at),
     }
@@ -137,8 +206,8 @@ class JobStore:
             session.add(job)
             session.commit()
 
-    def create(self, storyboard: Any = None) -> int:
-        job = Job()
+    def create(self, storyboard: Any = None, *, max_cost: Decimal | None = None) -> int:
+        job = Job(max_cost=max_cost)
         if storyboard is not None:
             job.storyboard_data = Storyboard.parse(storyboard).to_json()
             job.status = JobStatus.READY
@@ -160,7 +229,7 @@ class JobStore:
     def set_storyboard(self, job_id: int, storyboard: Any) -> dict[str, Any]:
         parsed = Storyboard.parse(storyboard)
         with self._job(job_id) as job:
-            if job.status in (JobStatus.RENDERING, JobStatus.COMPLETED):
+            if job.status in (JobStatus.RENDERING, JobStatus.COMPLETED, JobStatus.IN_REVIEW):
                 raise JobConflict(
                     f"Job {job_id} is {job.status}; its storyboard can no longer change"
                 )
@@ -180,27 +249,59 @@ class JobStore:
             job.approved = True
             return job_to_dict(job)
 
-    def mark_rendering(self, job_id: int, workflow_id: str) -> dict[str, Any]:
+    def mark_rendering(
+        self, job_id: int, workflow_id: str, *, review: bool = False
+    ) -> dict[str, Any]:
+        """Marks the job as having a run (in review, or rendering) before that run starts."""
         with self._job(job_id) as job:
-            if job.status != JobStatus.RENDERING:
+            if job.status == JobStatus.IN_REVIEW and not review:
+                # Approving a job in review: the waiting run goes on.
                 job.status = JobStatus.RENDERING
+                job.current_stage = "approved"
+                job.progress_message = "Approved; rendering will start"
+            elif job.status not in ACTIVE:
+                job.status = JobStatus.IN_REVIEW if review else JobStatus.RENDERING
                 job.current_stage = "queued"
-                job.progress_message = "Waiting for a worker"
+                job.progress_message = (
+                    "Waiting for a worker to validate the storyboard for review"
+                    if review
+                    else "Waiting for a worker"
+                )
                 job.error_message = None
                 job.video_url = None
                 job.actual_cost = None
+                job.estimated_cost = None
+                job.over_budget = False
                 job.download_retries = 0
                 job.prediction_id = None
                 job.scenes_completed = 0
+                if review:
+                    job.approved = False
+                    job.approved_by = None
             job.workflow_id = workflow_id
             return job_to_dict(job)
+
+    def record_approval(self, job_id: int, approved_by: str | None) -> dict[str, Any]:
+        """The run was approved (over HTTP or by a signal from the CLI)."""
+        with self._job(job_id) as job:
+            job.approved = True
+            job.approved_by = approved_by or job.approved_by
+            if job.status not in FINISHED:
+                job.status = JobStatus.RENDERING
+            job.current_stage = "approved"
+            job.progress_message = f"Approved{f' by {approved_by}' if approved_by else ''}"
+            return job_to_dict(job)
+
+    def set_estimate(self, job_id: int, estimate: Decimal) -> None:
+        with self._job(job_id) as job:
+            job.estimated_cost = estimate
 
     def revert_rendering(
         self, job_id: int, status: str, message: str, workflow_id: str | None
     ) -> None:
         """Undo `mark_rendering` when the workflow could not be started."""
         with self._job(job_id) as job:
-            if job.status == JobStatus.RENDERING:
+            if job.status in ACTIVE:
                 job.status = status
                 job.current_stage = "storyboard" if status == JobStatus.READY else status
                 job.progress_message = message
@@ -233,23 +334,144 @@ class JobStore:
         with self._job(job_id) as job:
             job.download_retries = retries
 
-    def complete(self, job_id: int, *, video_url: str, actual_cost: Decimal) -> dict[str, Any]:
+    def complete(
+        self, job_id: int, *, video_url: str, actual_cost: Decimal, over_budget: bool = False
+    ) -> dict[str, Any]:
         with self._job(job_id) as job:
             job.status = JobStatus.COMPLETED
             job.video_url = video_url
             job.actual_cost = actual_cost
+            job.over_budget = over_budget
             job.current_stage = "completed"
-            job.progress_message = "Video ready"
+            job.progress_message = (
+                f"Video ready; it cost ${actual_cost:.2f}, over the job's budget of "
+                f"${job.max_cost:.2f}"
+                if over_budget and job.max_cost is not None
+                else "Video ready"
+            )
             job.scenes_completed = job.scenes_total
             job.error_message = None
             return job_to_dict(job)
 
     def fail(self, job_id: int, message: str, *, status: str = JobStatus.FAILED) -> None:
         with self._job(job_id) as job:
+            if job.status == JobStatus.COMPLETED:
+                # A late cleanup must never take a finished, billed video away from the job.
+                return
             job.status = status
             job.error_message = message
             job.current_stage = status
             job.progress_message = message
+
+    # -- the prediction ledger --
+
+    def ledger(self, job_id: int, run_id: str) -> list[dict[str, Any]]:
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(PredictionLedger)
+                .where(PredictionLedger.job_id == job_id, PredictionLedger.run_id == run_id)
+                .order_by(PredictionLedger.id)  # type: ignore[arg-type]
+            ).all()
+            return [row.model_dump() for row in rows]
+
+    def record_intent(self, job_id: int, run_id: str, input_digest: str) -> int:
+        with Session(self.engine) as session:
+            row = PredictionLedger(job_id=job_id, run_id=run_id, input_digest=input_digest)
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+            assert row.id is not None
+            return row.id
+
+    def record_prediction(self, entry_id: int, prediction_id: str, state: str) -> bool:
+        """Ties a created or adopted prediction to its intent (and to the job).
+
+        False when another intent already claimed that prediction.
+        """
+        with Session(self.engine) as session:
+            row = session.get(PredictionLedger, entry_id, with_for_update=True)
+            if row is None:
+                raise LookupError(f"Ledger entry {entry_id} not found")
+            row.prediction_id = prediction_id
+            row.state = state
+            row.updated_at = _now()
+            session.add(row)
+            job = session.get(Job, row.job_id, with_for_update=True)
+            if job is not None:
+                job.prediction_id = prediction_id
+                job.updated_at = _now()
+                session.add(job)
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                return False
+            return True
+
+    def record_orphan(self, job_id: int, run_id: str, prediction_id: str, digest: str) -> None:
+        with Session(self.engine) as session:
+            session.add(
+                PredictionLedger(
+                    job_id=job_id,
+                    run_id=run_id,
+                    input_digest=digest,
+                    state="orphan_cancelled",
+                    prediction_id=prediction_id,
+                )
+            )
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+
+    def claimed(self, prediction_ids: list[str]) -> set[str]:
+        if not prediction_ids:
+            return set()
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(PredictionLedger.prediction_id).where(
+                    PredictionLedger.prediction_id.in_(prediction_ids)  # type: ignore[union-attr]
+                )
+            ).all()
+            return {row for row in rows if row}
+
+    def predictions_of_job(self, job_id: int) -> list[dict[str, Any]]:
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(PredictionLedger)
+                .where(PredictionLedger.job_id == job_id)
+                .order_by(PredictionLedger.id)  # type: ignore[arg-type]
+            ).all()
+            return [row.model_dump() for row in rows]
+
+    def job_for_prediction(self, prediction_id: str) -> int | None:
+        with Session(self.engine) as session:
+            row = session.exec(
+                select(PredictionLedger.job_id).where(
+                    PredictionLedger.prediction_id == prediction_id
+                )
+            ).first()
+            if row is not None:
+                return row
+            job = session.exec(select(Job.id).where(Job.prediction_id == prediction_id)).first()
+            return job
+
+    # -- webhooks --
+
+    def remember_webhook(self, webhook_id: str, prediction_id: str | None) -> bool:
+        """True the first time a webhook id is seen; False for a repeat."""
+        with Session(self.engine) as session:
+            session.add(WebhookDelivery(webhook_id=webhook_id, prediction_id=prediction_id))
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                return False
+            return True
+
+    def seen_webhook(self, webhook_id: str) -> bool:
+        with Session(self.engine) as session:
+            return session.get(WebhookDelivery, webhook_id) is not None
 
 
 @lru_cache

@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
-from backend.database import JobConflict, JobStatus, JobStore
+from backend.database import ACTIVE, FINISHED, JobConflict, JobStatus, JobStore
 from backend.settings import Settings
-from workflows.payloads import RenderVideoInput, RenderVideoResult
-from workflows.render_video import RenderVideo, workflow_id_for
+from workflows.payloads import ApproveSignal, RenderVideoInput, RenderVideoResult
+from workflows.render_video import JOB_ID, RENDER_STAGE, RenderVideo, workflow_id_for
 
 log = logging.getLogger(__name__)
 
@@ -29,33 +45,81 @@ async def connect(settings: Settings, *, lazy: bool = False) -> Client:
     )
 
 
-async def start_render(client: Client, store: JobStore, settings: Settings, job_id: int) -> str:
-    """Starts the job's render, or joins the run already going; returns the workflow id.
+async def ensure_search_attributes(client: Client, settings: Settings) -> None:
+    """Registers JobId and RenderStage where the server lets us (dev server, self-hosted);
+    elsewhere (Temporal Cloud) they are added in its console, and runs start without them
+    until then."""
+    try:
+        listed = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=settings.temporal_namespace)
+        )
+        missing = {
+            key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+            for key in (JOB_ID, RENDER_STAGE)
+            if key.name not in listed.custom_attributes
+        }
+        if missing:
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(
+                    namespace=settings.temporal_namespace, search_attributes=missing
+                )
+            )
+            log.info("Registered search attributes %s", ", ".join(missing))
+    except RPCError as exc:
+        log.warning("Could not register search attributes JobId/RenderStage: %s", exc)
 
-    Never starts a second billed render: a running run is reused, and a completed job
-    is left alone. A failed or cancelled job may be rendered again.
+
+def render_input(settings: Settings, job_id: int, *, review: bool = False) -> RenderVideoInput:
+    return RenderVideoInput(
+        job_id=job_id,
+        poll_interval_seconds=settings.poll_interval_seconds,
+        render_timeout_seconds=settings.render_timeout_seconds,
+        review=review,
+        review_timeout_seconds=settings.review_timeout_seconds,
+        webhook_wait_seconds=settings.webhook_wait_seconds,
+    )
+
+
+async def start_render(
+    client: Client,
+    store: JobStore,
+    settings: Settings,
+    job_id: int,
+    *,
+    review: bool = False,
+    approved_by: str | None = None,
+) -> str:
+    """Starts the job's run, or signals the run already going; returns the workflow id.
+
+    Approving (review=False) is a signal-with-start of `approve`: a run waiting in review
+    is approved, a running one is left alone, and otherwise a new run starts. Submitting
+    for review (review=True) starts a run that validates and then waits for that signal.
+    Never starts a second billed render: one workflow id per job, a completed job is left
+    alone, and only a failed, cancelled or expired job may run again.
     """
     job = await asyncio.to_thread(store.get, job_id)
     workflow_id = workflow_id_for(job_id)
     if job["status"] == JobStatus.COMPLETED:
         return workflow_id
+    if review and job["status"] == JobStatus.RENDERING:
+        raise JobConflict(f"Job {job_id} is already rendering; it is past review")
     previous = job["status"], job["workflow_id"]
     # Marked before the start so a run that ends at once cannot be overwritten afterwards.
-    await asyncio.to_thread(store.mark_rendering, job_id, workflow_id)
+    await asyncio.to_thread(store.mark_rendering, job_id, workflow_id, review=review)
+    options: dict[str, Any] = {
+        "id": workflow_id,
+        "task_queue": settings.task_queue,
+        "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+        "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+        "static_summary": f"Render job {job_id} into a video"
+        + (" (after review)" if review else ""),
+        "static_details": f"Job {job_id}: `GET /api/v2/jobs/{job_id}` on the API",
+    }
+    if not review:
+        options["start_signal"] = "approve"
+        options["start_signal_args"] = [ApproveSignal(approved_by=approved_by)]
     try:
-        await client.start_workflow(
-            RenderVideo.run,
-            RenderVideoInput(
-                job_id=job_id,
-                poll_interval_seconds=settings.poll_interval_seconds,
-                render_timeout_seconds=settings.render_timeout_seconds,
-            ),
-            id=workflow_id,
-            task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-            static_summary=f"Render job {job_id} into a video",
-        )
+        await _start(client, render_input(settings, job_id, review=review), job_id, options)
     except WorkflowAlreadyStartedError as exc:
         # A completed run already holds this id, yet the job row does not say so (the job
         # store was reset or restored from a backup). Rendering again would bill twice.
@@ -77,11 +141,69 @@ async def start_render(client: Client, store: JobStore, settings: Settings, job_
     return workflow_id
 
 
+async def _start(
+    client: Client, input: RenderVideoInput, job_id: int, options: dict[str, Any]
+) -> None:
+    attributes = TypedSearchAttributes(
+        [SearchAttributePair(JOB_ID, str(job_id)), SearchAttributePair(RENDER_STAGE, "queued")]
+    )
+    try:
+        await client.start_workflow(RenderVideo.run, input, search_attributes=attributes, **options)
+    except RPCError as exc:
+        # A namespace without our search attributes still renders; the runs just cannot
+        # be found by JobId. The worker registers them where it may (the dev server).
+        if (
+            exc.status != RPCStatusCode.INVALID_ARGUMENT
+            or "search attribute" not in str(exc).lower()
+        ):
+            raise
+        log.warning("Search attributes JobId/RenderStage are not registered: %s", exc)
+        await client.start_workflow(RenderVideo.run, input, **options)
+
+
+class NothingToCancel(JobConflict):
+    """The job has no run to cancel."""
+
+
+async def cancel_render(client: Client, store: JobStore, job_id: int) -> dict[str, Any]:
+    """Asks the job's run to cancel: the workflow cancels the prediction, stops the
+    download, removes partial files and marks the job cancelled."""
+    job = await asyncio.to_thread(store.get, job_id)
+    status = job["status"]
+    if status in FINISHED:
+        raise NothingToCancel(f"Job {job_id} is already {status}; there is nothing to cancel")
+    if status not in ACTIVE:
+        raise NothingToCancel(f"Job {job_id} is {status}: no render is running to cancel")
+    workflow_id = job["workflow_id"] or workflow_id_for(job_id)
+    handle = client.get_workflow_handle(workflow_id)
+    try:
+        description = await handle.describe()
+        if description.status == WorkflowExecutionStatus.RUNNING:
+            await handle.cancel()
+            return {"status": "cancelling", "job_id": job_id, "workflow_id": workflow_id}
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            log.warning("Could not cancel %s: %s", workflow_id, exc)
+            raise TemporalUnavailable(
+                "Temporal is unavailable; the render was not cancelled, try again shortly"
+            ) from exc
+    except RuntimeError as exc:
+        raise TemporalUnavailable(
+            "Temporal is unavailable; the render was not cancelled, try again shortly"
+        ) from exc
+    # No run is going (it was terminated, or never reached Temporal): the job row is all
+    # that is left to close.
+    await asyncio.to_thread(
+        store.fail, job_id, "Render cancelled (no run was going)", status=JobStatus.CANCELLED
+    )
+    return {"status": "cancelled", "job_id": job_id, "workflow_id": workflow_id}
+
+
 async def _revert(
     store: JobStore, job_id: int, previous: tuple[str, str | None], message: str
 ) -> None:
     status, workflow_id = previous
-    if status != JobStatus.RENDERING:
+    if status not in ACTIVE:
         await asyncio.to_thread(store.revert_rendering, job_id, status, message, workflow_id)
 
 

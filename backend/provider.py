@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -108,11 +109,45 @@ class ProviderClient:
             return await self.get(prediction_id)
         return PredictionState.from_json(prediction.dict())
 
+    async def list_since(self, since: datetime) -> list[dict[str, Any]]:
+        """Raw predictions created at or after `since`, newest first (for the ledger's search).
+
+        Raw JSON: the client's strict model would refuse an `aborted` one, and the
+        search needs each prediction's `input` exactly as sent.
+        """
+        stamp = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        url: str | None = f"/v1/predictions?created_after={stamp}"
+        found: list[dict[str, Any]] = []
+        while url:
+            page = (await self.client._async_request("GET", url)).json()
+            results = page.get("results") or []
+            for item in results:
+                created = _parse_time(item.get("created_at"))
+                if created is not None and created < since:
+                    return found
+                found.append(item)
+            url = page.get("next")
+        return found
+
+    async def webhook_secret(self) -> str:
+        secret = await self.client.webhooks.default.async_secret()
+        return secret.key
+
     async def _raw(self, method: str, path: str) -> PredictionState:
         # replicate 1.0.7's Prediction model has no `aborted` status and refuses to parse it.
         # Same client, same auth and retry transport; we only skip its strict model.
         response = await self.client._async_request(method, path)
         return PredictionState.from_json(response.json())
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def is_retryable(error: ReplicateError) -> bool:

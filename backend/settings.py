@@ -40,8 +40,22 @@ class Settings(BaseSettings):
     model_durations_field: str = "durations"
     model_prompt_field: str = "prompt"
 
-    poll_interval_seconds: float = 5.0
-    render_timeout_seconds: float = 600.0
+    poll_interval_seconds: float = Field(default=5.0, gt=0)
+    render_timeout_seconds: float = Field(default=600.0, gt=0)
+    # Webhooks: when set, Replicate calls {PUBLIC_BASE_URL}/api/v2/webhooks/replicate and the
+    # run waits for that call, polling only if it has not come after WEBHOOK_WAIT_SECONDS.
+    public_base_url: str | None = Field(
+        default=None, description="Our API's address as Replicate can reach it; enables webhooks"
+    )
+    replicate_webhook_secret: str | None = Field(
+        default=None, description="whsec_... signing secret; default: fetched from Replicate"
+    )
+    webhook_wait_seconds: float = Field(default=300.0, gt=0)
+    webhook_tolerance_seconds: int = Field(default=300, gt=0)
+    # A job submitted for review waits this long for its approve signal, then expires.
+    review_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # How often the Server-Sent Events stream looks at a running job's progress.
+    events_interval_seconds: float = Field(default=1.0, gt=0)
 
     price_per_image: Decimal = Decimal("0.003")
     price_per_video_second: Decimal = Decimal("0.10")
@@ -60,6 +74,22 @@ class Settings(BaseSettings):
         if not (owner and slash and model) or "/" in model or (":" in value and not version):
             raise ValueError("REPLICATE_MODEL must be 'owner/name' or 'owner/name:version'")
         return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.lower().startswith(("http://", "https://")):
+            raise ValueError("PUBLIC_BASE_URL must be an http(s) URL")
+        return value.rstrip("/")
+
+    @property
+    def webhook_url(self) -> str | None:
+        """Where Replicate should report finished predictions; None: poll instead."""
+        if not self.public_base_url:
+            return None
+        return f"{self.public_base_url}/api/v2/webhooks/replicate"
 
     @property
     def uses_local_renderer(self) -> bool:

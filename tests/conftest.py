@@ -18,6 +18,7 @@ from backend.cli import temporal_binary
 from backend.database import JobStore, make_engine
 from local_replicate.config import ServerConfig
 from local_replicate.testing import RunningServer
+from workflows.render_video import SEARCH_ATTRIBUTES
 
 POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -27,7 +28,10 @@ POSTGRES_URL = os.environ.get(
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(), ui=False, dev_server_log_level="error"
+        dev_server_existing_path=temporal_binary(),
+        ui=False,
+        dev_server_log_level="error",
+        search_attributes=list(SEARCH_ATTRIBUTES),
     )
     yield env
     await env.shutdown()
@@ -44,6 +48,7 @@ async def skipping_env() -> AsyncIterator[WorkflowEnvironment]:
             "--log-level",
             "error",
         ],
+        search_attributes=list(SEARCH_ATTRIBUTES),
     )
     yield env
     await env.shutdown()

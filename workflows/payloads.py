@@ -11,6 +11,58 @@ class RenderVideoInput:
     # Taken from Settings when the run starts, so a run keeps the timing it began with.
     poll_interval_seconds: float = 5.0
     render_timeout_seconds: float = 600.0
+    # review: validate, then wait for an `approve` signal before anything is billed.
+    review: bool = False
+    review_timeout_seconds: float = 7 * 24 * 3600.0
+    # How long to wait for Replicate's webhook before falling back to polling.
+    webhook_wait_seconds: float = 300.0
+
+
+@dataclass
+class ApproveSignal:
+    # Who approved, for the job's progress message; the CLI may send no input at all.
+    approved_by: str | None = None
+
+
+@dataclass
+class ApproveRenderInput:
+    approved_by: str | None = None
+
+
+@dataclass
+class ApprovalResult:
+    job_id: int
+    accepted: bool
+    stage: str
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PredictionWebhook:
+    """A verified `completed` webhook from Replicate, relayed by the API as a signal."""
+
+    prediction_id: str
+    status: str
+    output_url: str | None = None
+    error: str | None = None
+    webhook_id: str | None = None
+
+
+@dataclass
+class RenderProgress:
+    """What the `progress` query answers while the run is going."""
+
+    job_id: int
+    stage: str
+    message: str
+    scenes_total: int = 0
+    scenes_completed: int = 0
+    prediction_id: str | None = None
+    prediction_status: str | None = None
+    estimated_cost: str | None = None
+    max_cost: str | None = None
+    awaiting_approval: bool = False
+    updated_at: str | None = None
 
 
 @dataclass
@@ -21,6 +73,7 @@ class RenderVideoResult:
     actual_cost: str | None = None
     duration_seconds: float | None = None
     prediction_id: str | None = None
+    over_budget: bool = False
 
 
 @dataclass
@@ -29,9 +82,31 @@ class JobRef:
 
 
 @dataclass
+class ValidateStoryboardInput:
+    job_id: int
+    # False while a job in review is validated before anyone approved it.
+    require_approval: bool = True
+
+
+@dataclass
 class StoryboardSummary:
     scenes_total: int
     planned_seconds: float
+    # Decimal strings: images x price per image + planned seconds x price per second.
+    estimated_cost: str | None = None
+    max_cost: str | None = None
+
+
+@dataclass
+class RecordApprovalInput:
+    job_id: int
+    approved_by: str | None = None
+
+
+@dataclass
+class ApprovalRecorded:
+    job_id: int
+    status: str
 
 
 @dataclass
@@ -55,6 +130,11 @@ class PredictionRef:
     status: str
     # True when a retried start found the prediction an earlier attempt created.
     adopted: bool = False
+    # True when Replicate was given our webhook URL, so the run can wait for the call.
+    webhook: bool = False
+    # A prediction that finished before this answer came back (adopted ones can have).
+    output_url: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -74,13 +154,14 @@ class PredictionOutcome:
 @dataclass
 class CancelPredictionInput:
     job_id: int
-    prediction_id: str
+    # None: no id came back to the run; cancel whatever its ledger shows was created.
+    prediction_id: str | None = None
 
 
 @dataclass
 class CancelPredictionResult:
-    prediction_id: str
-    status: str
+    cancelled: list[str] = field(default_factory=list)
+    status: str | None = None
 
 
 @dataclass
@@ -116,12 +197,14 @@ class RecordCostInput:
     job_id: int
     image_count: int
     duration_seconds: float
+    max_cost: str | None = None
 
 
 @dataclass
 class CostRecord:
     actual_cost: str
     video_url: str
+    over_budget: bool = False
 
 
 @dataclass

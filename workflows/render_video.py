@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
     RetryState,
-    TimeoutError,
     TimeoutType,
     is_cancelled_exception,
 )
+from temporalio.exceptions import (
+    TimeoutError as TemporalTimeoutError,
+)
+from temporalio.workflow import ActivityCancellationType
 
 from workflows.payloads import (
+    ApprovalResult,
+    ApproveRenderInput,
+    ApproveSignal,
     CancelPredictionInput,
     DownloadVideoInput,
     JobRef,
     MarkJobFailedInput,
     PollPredictionInput,
     PredictionOutcome,
+    PredictionRef,
+    PredictionWebhook,
+    RecordApprovalInput,
     RecordCostInput,
+    RenderProgress,
     RenderVideoInput,
     RenderVideoResult,
     StartPredictionInput,
+    StoryboardSummary,
+    ValidateStoryboardInput,
     VerifyVideoInput,
 )
 
@@ -34,6 +48,13 @@ with workflow.unsafe.imports_passed_through():
     from activities.render import RenderActivities
 
 WORKFLOW_NAME = "RenderVideo"
+
+# Find a job's runs with `temporal workflow list -q "JobId = '12'"`, or by stage.
+JOB_ID = SearchAttributeKey.for_keyword("JobId")
+RENDER_STAGE = SearchAttributeKey.for_keyword("RenderStage")
+SEARCH_ATTRIBUTES = (JOB_ID, RENDER_STAGE)
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 # Validation and bad-input errors carry these types; retrying them cannot help.
 NON_RETRYABLE = ["StoryboardInvalid", "JobNotFound", "InvalidVideo", "VideoTooLarge", "BadRequest"]
@@ -67,6 +88,8 @@ PERSISTENT = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=1),
 )
+# Long calls heartbeat every second: a dead worker or a cancel is noticed this fast.
+HEARTBEAT = timedelta(seconds=5)
 
 
 def workflow_id_for(job_id: int) -> str:
@@ -77,54 +100,151 @@ class RenderFailed(Exception):
     """A failure already explained in words fit for the job's `error_message`."""
 
 
+class ReviewExpired(RenderFailed):
+    """Nobody approved the job within its review window."""
+
+
 @workflow.defn(name=WORKFLOW_NAME)
 class RenderVideo:
-    def __init__(self) -> None:
+    @workflow.init
+    def __init__(self, input: RenderVideoInput) -> None:
+        self._job_id = input.job_id
+        # A run started without review was approved before it started.
+        self._approved = not input.review
+        self._approved_by: str | None = None
+        self._validation: StoryboardSummary | None = None
+        self._validation_error: str | None = None
         self._prediction_id: str | None = None
+        self._prediction_requested = False
+        self._webhooks: dict[str, PredictionWebhook] = {}
+        self._progress = RenderProgress(
+            job_id=input.job_id, stage="queued", message="Waiting for a worker"
+        )
+
+    # -- the outside world's handles: Web UI, `temporal workflow signal/query/update` --
+
+    @workflow.signal(name="approve")
+    async def approve(self, input: ApproveSignal | None = None) -> None:
+        """Approves a run waiting in review; harmless at any other time."""
+        if not self._approved:
+            self._approved = True
+            self._approved_by = input.approved_by if input else None
+
+    @workflow.update(name="approve_render")
+    async def approve_render(self, input: ApproveRenderInput) -> ApprovalResult:
+        """Like the `approve` signal, but answers once the storyboard is validated: with the
+        validation errors when it cannot be rendered."""
+        await workflow.wait_condition(
+            lambda: self._validation is not None or self._validation_error is not None
+        )
+        if self._validation_error is not None:
+            return ApprovalResult(
+                job_id=self._job_id,
+                accepted=False,
+                stage=self._progress.stage,
+                errors=[self._validation_error],
+            )
+        if not self._approved:
+            self._approved = True
+            self._approved_by = input.approved_by
+        return ApprovalResult(job_id=self._job_id, accepted=True, stage=self._progress.stage)
+
+    @approve_render.validator
+    def _check_approve_render(self, input: ApproveRenderInput) -> None:
+        if self._progress.stage in ("completed", "failed", "cancelled", "expired"):
+            raise ValueError(f"Job {self._job_id} is already {self._progress.stage}")
+
+    @workflow.signal(name="prediction_finished")
+    async def prediction_finished(self, input: PredictionWebhook) -> None:
+        """Replicate's `completed` webhook, verified and relayed by the API. Repeats and
+        late arrivals change nothing: the first word on each prediction stands."""
+        self._webhooks.setdefault(input.prediction_id, input)
+
+    @workflow.query(name="progress")
+    def progress(self) -> RenderProgress:
+        return self._progress
+
+    # -- the run --
 
     @workflow.run
     async def run(self, input: RenderVideoInput) -> RenderVideoResult:
-        job = JobRef(input.job_id)
         try:
-            return await self._render(input, job)
+            return await self._render(input)
         # CancelledError is a BaseException: a cancel that lands outside an activity arrives so.
         except (Exception, asyncio.CancelledError) as err:
             cancelled = is_cancelled_exception(err)
-            message = "Render cancelled" if cancelled else _explain(err)
-            await self._close_failed(input.job_id, message, cancelled=cancelled)
+            if cancelled:
+                status, message = "cancelled", "Render cancelled"
+            elif isinstance(err, ReviewExpired):
+                status, message = "expired", str(err)
+            else:
+                status, message = "failed", _explain(err)
+            await self._close_failed(input.job_id, message, status)
             if cancelled:
                 raise
-            raise ApplicationError(message, type="RenderFailed", non_retryable=True) from None
+            kind = "ReviewExpired" if status == "expired" else "RenderFailed"
+            raise ApplicationError(message, type=kind, non_retryable=True) from None
 
-    async def _render(self, input: RenderVideoInput, job: JobRef) -> RenderVideoResult:
+    async def _render(self, input: RenderVideoInput) -> RenderVideoResult:
         acts = RenderActivities
-        summary = await workflow.execute_activity_method(
-            acts.validate_storyboard,
-            job,
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=QUICK,
-        )
+        job_id = input.job_id
+        self._stage("validating", "Validating storyboard...")
+        try:
+            summary = await workflow.execute_activity_method(
+                acts.validate_storyboard,
+                ValidateStoryboardInput(job_id=job_id, require_approval=not input.review),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=QUICK,
+                summary=f"Validate the storyboard of job {job_id}",
+            )
+        except ActivityError as err:
+            self._validation_error = _explain(err)
+            raise
+        self._validation = summary
+        self._progress.scenes_total = summary.scenes_total
+        self._progress.estimated_cost = summary.estimated_cost
+        self._progress.max_cost = summary.max_cost
+
+        if not self._approved:
+            await self._await_approval(input)
+
+        # The budget is checked before anything is billed.
+        if summary.max_cost is not None and summary.estimated_cost is not None:
+            if Decimal(summary.estimated_cost) > Decimal(summary.max_cost):
+                raise RenderFailed(
+                    f"Estimated cost ${summary.estimated_cost} exceeds the job's budget "
+                    f"(max_cost) of ${summary.max_cost}; no prediction was created"
+                )
+
         images = await workflow.execute_activity_method(
             acts.extract_images,
-            job,
+            JobRef(job_id),
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=QUICK,
+            summary=f"Extract the scene images of job {job_id}",
         )
         started_at = workflow.now()
+        self._stage("starting", f"Starting a prediction for {len(images.image_urls)} images")
+        self._prediction_requested = True
         prediction = await workflow.execute_activity_method(
             acts.start_prediction,
             StartPredictionInput(
-                job_id=input.job_id,
+                job_id=job_id,
                 image_urls=images.image_urls,
                 durations=images.durations,
                 prompt=images.prompt,
             ),
-            start_to_close_timeout=timedelta(seconds=60),
+            start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=HEARTBEAT,
             retry_policy=PROVIDER_CREATE,
+            summary=f"Create (or adopt) the Replicate prediction of job {job_id}",
         )
         self._prediction_id = prediction.prediction_id
+        self._progress.prediction_id = prediction.prediction_id
+        self._progress.prediction_status = prediction.status
 
-        outcome = await self._wait_for_prediction(input, prediction.prediction_id, started_at)
+        outcome = await self._wait_for_prediction(input, prediction, started_at)
+        self._progress.prediction_status = outcome.status
         if outcome.status != "succeeded":
             raise RenderFailed(
                 f"Prediction {outcome.prediction_id} {outcome.status}: "
@@ -135,60 +255,135 @@ class RenderVideo:
                 f"Prediction {outcome.prediction_id} succeeded but returned no video URL"
             )
 
+        self._stage("downloading", "Downloading video...")
         downloaded = await workflow.execute_activity_method(
             acts.download_video,
-            DownloadVideoInput(job_id=input.job_id, url=outcome.output_url),
+            DownloadVideoInput(job_id=job_id, url=outcome.output_url),
             start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(seconds=30),
+            heartbeat_timeout=HEARTBEAT,
             retry_policy=DOWNLOAD_RETRY,
+            # A cancel waits for the download to stop and remove its partial file.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"Download the video of job {job_id}",
         )
+        self._stage("verifying", "Verifying video...")
         video = await workflow.execute_activity_method(
             acts.verify_video,
-            VerifyVideoInput(job_id=input.job_id, path=downloaded.path),
+            VerifyVideoInput(job_id=job_id, path=downloaded.path),
             start_to_close_timeout=timedelta(minutes=10),
             retry_policy=QUICK,
+            summary=f"Verify the MP4 of job {job_id}",
         )
         cost = await workflow.execute_activity_method(
             acts.record_cost,
             RecordCostInput(
-                job_id=input.job_id,
+                job_id=job_id,
                 image_count=summary.scenes_total,
                 duration_seconds=video.duration_seconds,
+                max_cost=summary.max_cost,
             ),
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=PERSISTENT,
+            summary=f"Record the cost of job {job_id}",
+        )
+        self._progress.scenes_completed = summary.scenes_total
+        self._stage(
+            "completed",
+            f"Video ready; cost ${cost.actual_cost}"
+            + (f", over the budget of ${summary.max_cost}" if cost.over_budget else ""),
         )
         return RenderVideoResult(
-            job_id=input.job_id,
+            job_id=job_id,
             status="completed",
             video_url=cost.video_url,
             actual_cost=cost.actual_cost,
             duration_seconds=video.duration_seconds,
             prediction_id=prediction.prediction_id,
+            over_budget=cost.over_budget,
+        )
+
+    async def _await_approval(self, input: RenderVideoInput) -> None:
+        window = _duration(input.review_timeout_seconds)
+        self._stage("awaiting_approval", f"Validated; waiting for approval (expires in {window})")
+        self._progress.awaiting_approval = True
+        try:
+            await workflow.wait_condition(
+                lambda: self._approved,
+                timeout=timedelta(seconds=input.review_timeout_seconds),
+                timeout_summary="review window",
+            )
+        except TimeoutError:
+            raise ReviewExpired(
+                f"Review expired: job {input.job_id} was not approved within {window}"
+            ) from None
+        self._progress.awaiting_approval = False
+        by = f" by {self._approved_by}" if self._approved_by else ""
+        self._stage("approved", f"Approved{by}")
+        await workflow.execute_activity_method(
+            RenderActivities.record_approval,
+            RecordApprovalInput(job_id=input.job_id, approved_by=self._approved_by),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=PERSISTENT,
+            summary=f"Record the approval of job {input.job_id}",
         )
 
     async def _wait_for_prediction(
-        self, input: RenderVideoInput, prediction_id: str, started_at: datetime
+        self, input: RenderVideoInput, prediction: PredictionRef, started_at: datetime
     ) -> PredictionOutcome:
+        prediction_id = prediction.prediction_id
+        if prediction.status in TERMINAL:
+            return PredictionOutcome(
+                prediction_id=prediction_id,
+                status=prediction.status,
+                output_url=prediction.output_url,
+                error=prediction.error,
+            )
+        deadline = started_at + timedelta(seconds=input.render_timeout_seconds)
+
+        def heard() -> bool:
+            return prediction_id in self._webhooks
+
+        if prediction.webhook:
+            self._stage("rendering", "Rendering video from images... (waiting for the webhook)")
+            wait = min(timedelta(seconds=input.webhook_wait_seconds), deadline - workflow.now())
+            try:
+                await workflow.wait_condition(
+                    heard, timeout=max(wait, timedelta(seconds=1)), timeout_summary="webhook wait"
+                )
+            except TimeoutError:
+                workflow.logger.info("No webhook for %s yet; polling instead", prediction_id)
+            if heard():
+                return self._from_webhook(prediction_id)
+
         # Polling is the retry policy of one activity: each "still running" is a failed
         # attempt that the server retries after the poll interval, so the history stays
-        # the same size however long the render takes.
+        # the same size however long the render takes. A webhook that arrives meanwhile
+        # still wins.
+        remaining = deadline - workflow.now()
         interval = timedelta(seconds=input.poll_interval_seconds)
-        deadline = timedelta(seconds=input.render_timeout_seconds)
-        remaining = deadline - (workflow.now() - started_at)
+        self._stage("rendering", "Rendering video from images... (polling)")
+        poll = workflow.start_activity_method(
+            RenderActivities.poll_prediction,
+            PollPredictionInput(job_id=input.job_id, prediction_id=prediction_id),
+            schedule_to_close_timeout=max(remaining, timedelta(seconds=1)),
+            start_to_close_timeout=timedelta(seconds=60),
+            heartbeat_timeout=HEARTBEAT,
+            retry_policy=RetryPolicy(
+                initial_interval=interval,
+                backoff_coefficient=1.0,
+                maximum_interval=interval,
+                non_retryable_error_types=NON_RETRYABLE,
+            ),
+            summary=f"Poll prediction {prediction_id} every {_duration(interval.total_seconds())}",
+        )
+        await workflow.wait_condition(lambda: poll.done() or heard())
+        if not poll.done():
+            poll.cancel()
+            with contextlib.suppress(ActivityError):
+                await poll
+            return self._from_webhook(prediction_id)
         try:
-            return await workflow.execute_activity_method(
-                RenderActivities.poll_prediction,
-                PollPredictionInput(job_id=input.job_id, prediction_id=prediction_id),
-                schedule_to_close_timeout=max(remaining, timedelta(seconds=1)),
-                start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=RetryPolicy(
-                    initial_interval=interval,
-                    backoff_coefficient=1.0,
-                    maximum_interval=interval,
-                    non_retryable_error_types=NON_RETRYABLE,
-                ),
-            )
+            return poll.result()
         except ActivityError as err:
             if not _is_schedule_to_close_timeout(err):
                 raise
@@ -198,36 +393,59 @@ class RenderVideo:
             f"prediction {prediction_id} was cancelled"
         )
 
-    async def _cancel_prediction(self, job_id: int, prediction_id: str) -> None:
+    def _from_webhook(self, prediction_id: str) -> PredictionOutcome:
+        hook = self._webhooks[prediction_id]
+        return PredictionOutcome(
+            prediction_id=prediction_id,
+            status=hook.status,
+            output_url=hook.output_url,
+            error=hook.error,
+        )
+
+    def _stage(self, stage: str, message: str) -> None:
+        """Moves the progress the `progress` query shows, and the RenderStage attribute."""
+        changed = stage != self._progress.stage
+        self._progress.stage = stage
+        self._progress.message = message
+        self._progress.updated_at = workflow.now().isoformat()
+        workflow.set_current_details(f"**{stage}**: {message}")
+        # Only where the starter set JobId: a namespace without the attributes still renders.
+        if changed and workflow.info().typed_search_attributes.get(JOB_ID) is not None:
+            workflow.upsert_search_attributes([RENDER_STAGE.value_set(stage)])
+
+    async def _cancel_prediction(self, job_id: int, prediction_id: str | None) -> None:
         await workflow.execute_activity_method(
             RenderActivities.cancel_prediction,
             CancelPredictionInput(job_id=job_id, prediction_id=prediction_id),
-            start_to_close_timeout=timedelta(seconds=30),
+            start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=HEARTBEAT,
             retry_policy=QUICK,
+            summary=f"Cancel the prediction of job {job_id} at Replicate",
         )
 
-    async def _close_failed(self, job_id: int, message: str, *, cancelled: bool) -> None:
-        if cancelled and self._prediction_id:
+    async def _close_failed(self, job_id: int, message: str, status: str) -> None:
+        if status == "cancelled" and self._prediction_requested:
+            # Also finds a prediction whose create went through but whose id never came back.
             try:
                 await self._cancel_prediction(job_id, self._prediction_id)
             except ActivityError:
-                workflow.logger.warning("Could not cancel prediction %s", self._prediction_id)
+                workflow.logger.warning("Could not cancel the prediction of job %s", job_id)
         await workflow.execute_activity_method(
             RenderActivities.mark_job_failed,
-            MarkJobFailedInput(
-                job_id=job_id, message=message, status="cancelled" if cancelled else "failed"
-            ),
+            MarkJobFailedInput(job_id=job_id, message=message, status=status),
             start_to_close_timeout=timedelta(seconds=30),
             schedule_to_close_timeout=timedelta(days=1),
             retry_policy=PERSISTENT,
+            summary=f"Mark job {job_id} {status}",
         )
+        self._stage(status, message)
 
 
 def _is_schedule_to_close_timeout(err: ActivityError) -> bool:
     # When the next retry would pass the deadline, the server ends the activity with the
     # last attempt's failure and retry state TIMEOUT, not with a TimeoutError.
     cause = err.cause
-    if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_CLOSE:
+    if isinstance(cause, TemporalTimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_CLOSE:
         return True
     return err.retry_state == RetryState.TIMEOUT
 
@@ -240,7 +458,7 @@ def _explain(err: BaseException) -> str:
         cause = err.cause
         if isinstance(cause, ApplicationError):
             return cause.message
-        if isinstance(cause, TimeoutError):
+        if isinstance(cause, TemporalTimeoutError):
             kind = cause.type.name.lower() if cause.type else "timeout"
             return f"Step {err.activity_type} timed out ({kind})"
         if cause is not None:
