@@ -46,7 +46,9 @@ async def serve(args: argparse.Namespace) -> None:
         retention_seconds=args.retention_seconds,
         webhook_retry_delays=delays,
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, inherited by accepted sockets, is what makes asyncio set TCP_NODELAY;
+    # with proto 0 every response pays a ~40 ms Nagle/delayed-ACK stall
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +26,10 @@ from .render import InputError, RenderCanceled, parse_input, render
 from .webhooks import WebhookSender
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+PAGE_SIZE = 100  # Replicate's page size for listing predictions
+
+# (reverse, position) of a page of the prediction list; see Engine.list_page
+Cursor = tuple[bool, int]
 
 
 def new_id() -> str:
@@ -58,6 +64,8 @@ class Prediction:
     completed_at: datetime | None = None
     predict_time: float | None = None
     data_removed: bool = False
+    # creation order, for listing; created_at can tie
+    seq: int = 0
     # read by the render thread, so a threading.Event rather than an asyncio one
     cancel: threading.Event = field(default_factory=threading.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -68,6 +76,12 @@ class Prediction:
 
     def fault(self, kind: str) -> Fault | None:
         return next((f for f in self.faults if f.kind == kind), None)
+
+    def to_list_json(self) -> dict[str, Any]:
+        # Replicate's list results are the prediction without its logs
+        body = self.to_json()
+        del body["logs"]
+        return body
 
     def to_json(self) -> dict[str, Any]:
         api = f"{self.base_url}/v1/predictions/{self.id}"
@@ -116,10 +130,23 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
         self._http: httpx.AsyncClient | None = None
         self._sender: WebhookSender | None = None
+        # not reset with the stats, so a cursor from before a reset cannot match new predictions
+        self._seq = itertools.count(1)
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self.counts = {"creates": 0, "gets": 0, "cancels": 0, "file_gets": 0}
+        self.counts = {
+            "creates": 0,
+            "gets": 0,
+            "cancels": 0,
+            "lists": 0,
+            "file_gets": 0,
+            # full GETs of output files (not HEAD or Range) that ended, by how they ended
+            "download_completes": 0,
+            "download_aborts": 0,
+            # webhook events withheld by lose_webhook
+            "webhooks_dropped": 0,
+        }
         self.cancelled_ids: list[str] = []
         self.deliveries.clear()
 
@@ -179,8 +206,36 @@ class Engine:
     def take_create_fault(self) -> Fault | None:
         return self.faults.take_one(CREATE_KINDS)
 
-    def take_download_fault(self) -> Fault | None:
-        return self.faults.take_one(DOWNLOAD_KINDS)
+    def take_download_fault(self, full: bool) -> Fault | None:
+        # slow_download paces a whole-file GET only; HEAD and Range requests leave it queued
+        return self.faults.take_one(DOWNLOAD_KINDS if full else DOWNLOAD_KINDS - {"slow_download"})
+
+    def list_page(
+        self, cursor: Cursor | None, keep: Callable[[Prediction], bool]
+    ) -> tuple[list[Prediction], Cursor | None, Cursor | None]:
+        """A page of the predictions `keep` accepts, newest first, with the cursors of the next
+        (older) and previous (newer) pages, None where there are none.
+
+        A cursor is (reverse, position): forward, the page starts at the newest prediction with
+        seq < position; reverse, it is the page that ends just above position. Sequence numbers
+        only grow, so pages stay put while new predictions arrive on top.
+        """
+        ordered = sorted(
+            (p for p in self.predictions.values() if keep(p)), key=lambda p: p.seq, reverse=True
+        )
+        if cursor is None:
+            start = 0
+            end = min(PAGE_SIZE, len(ordered))
+        elif not cursor[0]:
+            start = sum(1 for p in ordered if p.seq >= cursor[1])
+            end = min(start + PAGE_SIZE, len(ordered))
+        else:
+            end = sum(1 for p in ordered if p.seq > cursor[1])
+            start = max(0, end - PAGE_SIZE)
+        # cursors are strict bounds, so each sits one past the first prediction it must include
+        next_cursor = (False, ordered[end].seq + 1) if end < len(ordered) else None
+        previous_cursor = (True, ordered[start - 1].seq - 1) if start > 0 else None
+        return ordered[start:end], next_cursor, previous_cursor
 
     def create(
         self,
@@ -195,6 +250,7 @@ class Engine:
     ) -> Prediction:
         queued = self.faults.take(PREDICTION_KINDS)
         p = Prediction(
+            seq=next(self._seq),
             id=new_id(),
             model=model,
             version=version,
@@ -224,8 +280,20 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
 
     def _emit(self, p: Prediction, event: str) -> None:
-        if p.webhook and event in p.events and self._sender:
-            self._sender.send(p.id, p.webhook, event, json.dumps(p.to_json()))
+        if not (p.webhook and event in p.events and self._sender):
+            return
+        if p.fault("lose_webhook"):
+            self.counts["webhooks_dropped"] += 1
+            return
+        duplicate = p.fault("duplicate_webhook") if event == "completed" else None
+        self._sender.send(
+            p.id,
+            p.webhook,
+            event,
+            json.dumps(p.to_json()),
+            redeliveries=1 if duplicate else 0,
+            redelivery_delay=duplicate.delay if duplicate else 0.0,
+        )
 
     def _log(self, p: Prediction, line: str) -> None:
         p.logs.append(line)

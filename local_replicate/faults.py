@@ -1,4 +1,31 @@
-"""Queued fault injection, consumed by creates, renders and output downloads."""
+"""Queued fault injection, consumed by creates, renders and output downloads.
+
+Faults are queued with `POST /_admin/faults` ({"kind", "times", "delay", "detail"}) or given to a
+single prediction as `input._fault` (prediction kinds only). Each queued fault applies to the next
+`times` operations it concerns (null: until cleared); the kinds:
+
+Create calls (one at most per call, oldest first):
+  rate_limit        429 problem with Retry-After: 30; nothing is created.
+  server_error      500 problem; nothing is created.
+
+Predictions (taken when a prediction is created; every queued kind can apply at once):
+  fail              fails after processing starts (`detail` is the error).
+  abort             ends as `aborted` before it starts (`detail` is the error).
+  slow_start        stays `starting` `delay` seconds longer.
+  slow_render       stays `processing` at least `delay` seconds.
+  truncated         succeeds with the second half of the MP4 cut off.
+  not_mp4           succeeds with a PNG as the output.
+  slow_create       created and started at once, but the create response is held back `delay`
+                    seconds (ending early if the client goes away); the prediction runs anyway.
+  lose_webhook      no webhook at all is sent for it (counted in `webhooks_dropped`).
+  duplicate_webhook its `completed` webhook, once acknowledged, is delivered again after `delay`
+                    seconds with the same webhook-id, as Replicate's retries do.
+
+Output downloads (one at most per request, oldest first):
+  download_error    500 problem instead of the file (also on HEAD and Range requests).
+  slow_download     a full GET is streamed in small chunks spread evenly over `delay` seconds;
+                    the transfer stops as soon as the client disconnects.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +34,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 CREATE_KINDS = frozenset({"rate_limit", "server_error"})
-PREDICTION_KINDS = frozenset({"fail", "abort", "slow_start", "slow_render", "truncated", "not_mp4"})
-DOWNLOAD_KINDS = frozenset({"download_error"})
+PREDICTION_KINDS = frozenset(
+    {
+        "fail",
+        "abort",
+        "slow_start",
+        "slow_render",
+        "truncated",
+        "not_mp4",
+        "slow_create",
+        "lose_webhook",
+        "duplicate_webhook",
+    }
+)
+DOWNLOAD_KINDS = frozenset({"download_error", "slow_download"})
 ALL_KINDS = CREATE_KINDS | PREDICTION_KINDS | DOWNLOAD_KINDS
 
 _ids = itertools.count(1)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import html
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +21,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import DEFAULT_WEBHOOK_SECRET, ServerConfig
-from .engine import Engine, Prediction
+from .downloads import OutputDownload, until_disconnect
+from .engine import Cursor, Engine, Prediction
 from .faults import ALL_KINDS, PREDICTION_KINDS, Fault, FaultSpecError, parse_fault
 from .webhooks import EVENTS, secret_bytes
 
@@ -151,6 +155,8 @@ async def _create(request: Request, model: str, version: str, body: dict[str, An
         return problem(429, "Request was throttled", detail, {"Retry-After": "30"})
     if fault is not None:
         return problem(500, "Internal Server Error", fault.detail or "Injected server error")
+    # created (and started) before any hold below: a client that never sees the response has
+    # still caused a prediction, as with Replicate when a response is lost
     p = engine.create(
         model=model,
         version=version,
@@ -160,12 +166,78 @@ async def _create(request: Request, model: str, version: str, body: dict[str, An
         events=events,
         extra_faults=faults,
     )
+    if slow := p.fault("slow_create"):
+        await _hold(request, slow.delay)
     if wait is not None:
         try:
             await asyncio.wait_for(p.done.wait(), wait)
         except TimeoutError:
             pass
     return JSONResponse(p.to_json(), status_code=201)
+
+
+async def _hold(request: Request, seconds: float) -> None:
+    """Sleep `seconds`, or less if the client disconnects (nothing would read the response)."""
+    try:
+        await asyncio.wait_for(until_disconnect(request.receive), seconds)
+    except TimeoutError:
+        pass
+
+
+def _encode_cursor(cursor: Cursor) -> str:
+    # Django REST framework's cursor shape, which Replicate's cursors have: base64 of "r=1&p=..."
+    reverse, position = cursor
+    fields = {"r": "1", "p": str(position)} if reverse else {"p": str(position)}
+    return base64.b64encode(urlencode(fields).encode()).decode()
+
+
+def _decode_cursor(text: str) -> Cursor:
+    try:
+        decoded = base64.b64decode(text.encode(), validate=True).decode()
+        fields = parse_qs(decoded, strict_parsing=True)
+        reverse = fields.get("r", ["0"]) == ["1"]
+        (position,) = fields["p"]
+        return reverse, int(position)
+    except (binascii.Error, UnicodeError, ValueError, KeyError) as exc:
+        raise Problem(404, "Not found", "Invalid cursor") from exc
+
+
+def _query_time(request: Request, name: str) -> datetime | None:
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise _invalid(f"{name}: must be an ISO 8601 date-time") from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _list_filter(request: Request) -> Callable[[Prediction], bool]:
+    after = _query_time(request, "created_after")
+    before = _query_time(request, "created_before")
+    source = request.query_params.get("source")
+    if source is not None and source != "web":
+        raise _invalid("source: the only supported value is web")
+
+    def keep(p: Prediction) -> bool:
+        # every prediction here was created through the API
+        if source == "web":
+            return False
+        return (after is None or p.created_at >= after) and (
+            before is None or p.created_at < before
+        )
+
+    return keep
+
+
+def _page_url(request: Request, cursor: Cursor | None) -> str | None:
+    if cursor is None:
+        return None
+    # other query parameters (the filters) carry over, as Replicate's next/previous URLs do
+    params = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"]
+    params.append(("cursor", _encode_cursor(cursor)))
+    return f"{_base_url(request)}/v1/predictions?{urlencode(params)}"
 
 
 def _lookup(request: Request, prediction_id: str) -> Prediction:
@@ -222,6 +294,21 @@ def create_app(config: ServerConfig) -> FastAPI:
         body = await _json_object(request)
         return await _create(request, f"{owner}/{name}", "hidden", body)
 
+    @app.get("/v1/predictions")
+    async def list_predictions(request: Request) -> Response:
+        _authenticate(request)
+        engine.counts["lists"] += 1
+        keep = _list_filter(request)
+        text = request.query_params.get("cursor")
+        cursor = _decode_cursor(text) if text is not None else None
+        page, next_cursor, previous_cursor = engine.list_page(cursor, keep)
+        body = {
+            "next": _page_url(request, next_cursor),
+            "previous": _page_url(request, previous_cursor),
+            "results": [p.to_list_json() for p in page],
+        }
+        return JSONResponse(body)
+
     @app.get("/v1/predictions/{prediction_id}")
     async def get_prediction(prediction_id: str, request: Request) -> Response:
         _authenticate(request)
@@ -242,15 +329,29 @@ def create_app(config: ServerConfig) -> FastAPI:
         return JSONResponse({"key": config.webhook_secret})
 
     @app.api_route("/files/{file_name}", methods=["GET", "HEAD"])
-    async def output_file(file_name: str) -> Response:
+    async def output_file(file_name: str, request: Request) -> Response:
         engine.counts["file_gets"] += 1
         match = FILE_NAME.match(file_name)
-        if engine.take_download_fault() is not None:
+        full = request.method == "GET" and "range" not in request.headers
+        fault = engine.take_download_fault(full)
+        if fault is not None and fault.kind == "download_error":
             return problem(500, "Internal Server Error", "Injected download error")
         path = engine.output_path(match.group(1)) if match else None
+        missing = problem(404, "Not found", f"File {file_name} was not found")
         if path is None or not path.is_file():
-            return problem(404, "Not found", f"File {file_name} was not found")
-        return FileResponse(path, media_type="video/mp4")
+            return missing
+        if not full:
+            return FileResponse(path, media_type="video/mp4")
+        try:
+            # opened here, so retention deleting the file cannot cut a started download short
+            file = path.open("rb")
+        except FileNotFoundError:
+            return missing
+
+        def count(completed: bool) -> None:
+            engine.counts["download_completes" if completed else "download_aborts"] += 1
+
+        return OutputDownload(file, fault.delay if fault is not None else 0.0, count)
 
     @app.get("/p/{prediction_id}")
     async def web_page(prediction_id: str, request: Request) -> Response:

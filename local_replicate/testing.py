@@ -34,6 +34,7 @@ class RunningServer(UvicornThread):
     def add_fault(
         self, kind: str, times: int | None = 1, delay: float = 0.0, detail: str | None = None
     ) -> dict[str, Any]:
+        """Queue a fault (kinds and what `delay` means for each: local_replicate.faults)."""
         body: dict[str, Any] = {"kind": kind, "times": times, "delay": delay}
         if detail is not None:
             body["detail"] = detail

@@ -27,7 +27,9 @@ class UvicornThread:
 
     def start(self, timeout: float = 30.0) -> str:
         # Binding here lets port 0 pick a free port with no window for another process to take it.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, inherited by accepted sockets, is what makes asyncio set TCP_NODELAY;
+        # with proto 0 every response pays a ~40 ms Nagle/delayed-ACK stall
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]

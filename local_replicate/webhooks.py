@@ -29,7 +29,11 @@ def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
 
 
 class WebhookSender:
-    """Delivers events in order per prediction; only `completed` is retried."""
+    """Delivers events in order per prediction; only `completed` is retried.
+
+    Every attempt is recorded in `deliveries`: prediction_id, event, url, webhook_id, attempt
+    (1-based, counting redeliveries too), duplicate, status_code, ok, error.
+    """
 
     def __init__(
         self,
@@ -45,27 +49,61 @@ class WebhookSender:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def send(self, prediction_id: str, url: str, event: str, body: str) -> None:
+    def send(
+        self,
+        prediction_id: str,
+        url: str,
+        event: str,
+        body: str,
+        redeliveries: int = 0,
+        redelivery_delay: float = 0.0,
+    ) -> None:
+        """Queue one event; `redeliveries` sends it again, same webhook-id, once acknowledged."""
         # the lock is taken in task start order, which keeps a prediction's events in order
         lock = self._locks.setdefault(prediction_id, asyncio.Lock())
-        task = asyncio.create_task(self._deliver(lock, prediction_id, url, event, body))
+        task = asyncio.create_task(
+            self._deliver(lock, prediction_id, url, event, body, redeliveries, redelivery_delay)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _deliver(
-        self, lock: asyncio.Lock, prediction_id: str, url: str, event: str, body: str
+        self,
+        lock: asyncio.Lock,
+        prediction_id: str,
+        url: str,
+        event: str,
+        body: str,
+        redeliveries: int,
+        redelivery_delay: float,
     ) -> None:
         async with lock:
             msg_id = f"msg_{uuid.uuid4().hex}"
             delays = self._retry_delays if event == "completed" else ()
-            for attempt in range(len(delays) + 1):
-                if attempt:
-                    await asyncio.sleep(delays[attempt - 1])
-                if await self._attempt(prediction_id, url, event, body, msg_id, attempt + 1):
-                    return
+            attempt = 0
+            for copy in range(redeliveries + 1):
+                if copy:
+                    await asyncio.sleep(redelivery_delay)
+                for retry in range(len(delays) + 1):
+                    if retry:
+                        await asyncio.sleep(delays[retry - 1])
+                    attempt += 1
+                    if await self._attempt(
+                        prediction_id, url, event, body, msg_id, attempt, duplicate=copy > 0
+                    ):
+                        break
+                else:
+                    return  # never acknowledged: a redelivery would not be a duplicate
 
     async def _attempt(
-        self, prediction_id: str, url: str, event: str, body: str, msg_id: str, attempt: int
+        self,
+        prediction_id: str,
+        url: str,
+        event: str,
+        body: str,
+        msg_id: str,
+        attempt: int,
+        duplicate: bool,
     ) -> bool:
         ts = int(time.time())
         headers = {
@@ -80,6 +118,8 @@ class WebhookSender:
             "url": url,
             "webhook_id": msg_id,
             "attempt": attempt,
+            # a redelivery of a message the receiver already acknowledged
+            "duplicate": duplicate,
             "status_code": None,
             "ok": False,
             "error": None,

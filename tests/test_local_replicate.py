@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import av
 import httpx
 import jsonschema
 import pytest
 import replicate
-from fixtures_images import png_data_url, serve_images, webhook_receiver
+from fixtures_images import Received, png_data_url, serve_images, webhook_receiver
 from replicate.exceptions import ReplicateError
+from replicate.pagination import async_paginate, paginate
 from replicate.webhook import InvalidSignatureError, WebhookSigningSecret
 
-from local_replicate import RunningServer, ServerConfig, run_in_thread
+from local_replicate import DEFAULT_WEBHOOK_SECRET, RunningServer, ServerConfig, run_in_thread
 
 OPENAPI = Path("/work/shared/reference/replicate-openapi.json")
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
@@ -41,18 +49,24 @@ def _openapi_to_jsonschema(node: Any) -> Any:
     return out
 
 
-def _prediction_validator() -> jsonschema.Validator:
+def _validator(schema_of: Callable[[dict[str, Any]], Any]) -> jsonschema.Validator:
+    """A validator for the schema `schema_of(spec)` picks, with the spec's components at hand."""
     spec = json.loads(OPENAPI.read_text())
     components = _openapi_to_jsonschema(spec["components"])
     version = components["schemas"]["schemas_prediction_response"]["properties"]["version"]
     # the spec's oneOf [any string, enum "hidden"] rejects "hidden", which it itself prescribes
     # for official models: "hidden" matches both branches; read it as the anyOf it means
     version["anyOf"] = version.pop("oneOf")
-    root = {"$ref": "#/components/schemas/schemas_prediction_response", "components": components}
+    root = {**_openapi_to_jsonschema(schema_of(spec)), "components": components}
     return jsonschema.Draft7Validator(root)
 
 
-VALIDATOR = _prediction_validator()
+VALIDATOR = _validator(lambda _: {"$ref": "#/components/schemas/schemas_prediction_response"})
+LIST_VALIDATOR = _validator(
+    lambda spec: spec["paths"]["/predictions"]["get"]["responses"]["200"]["content"][
+        "application/json"
+    ]["schema"]
+)
 
 
 def check(pred: dict[str, Any], base: str) -> dict[str, Any]:
@@ -141,6 +155,24 @@ def download(url: str, dest: Path) -> httpx.Response:
     resp = httpx.get(url, timeout=30)
     dest.write_bytes(resp.content)
     return resp
+
+
+def _secret(api: httpx.Client) -> WebhookSigningSecret:
+    key = api.get("/v1/webhooks/default/secret").json()["key"]
+    assert key.startswith("whsec_")
+    return WebhookSigningSecret(key=key)
+
+
+def final_calls(calls: list[Received]) -> list[Received]:
+    """The webhook calls that carry a finished prediction: the `completed` event's."""
+    return [c for c in calls if json.loads(c.body)["status"] in TERMINAL]
+
+
+def _wait_for(predicate: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.03)
 
 
 # -- auth and request validation --
@@ -314,6 +346,133 @@ def test_prefer_wait(api: httpx.Client, lr: RunningServer, images: list[str]) ->
     assert_problem(bad, 400)
 
 
+# -- listing predictions --
+
+
+def list_page(api: httpx.Client, url: str = "/v1/predictions", **params: str) -> dict[str, Any]:
+    resp = api.get(url, params=params or None)
+    assert resp.status_code == 200, resp.text
+    body: dict[str, Any] = resp.json()
+    LIST_VALIDATOR.validate(body)
+    for pred in body["results"]:
+        check(pred, str(api.base_url).rstrip("/"))
+        assert "logs" not in pred  # as in Replicate's list results
+    return body
+
+
+def ids_of(page: dict[str, Any]) -> list[str]:
+    return [p["id"] for p in page["results"]]
+
+
+def test_list_predictions_newest_first_with_full_results(
+    api: httpx.Client, lr: RunningServer, images: list[str]
+) -> None:
+    assert list_page(api) == {"next": None, "previous": None, "results": []}
+    inp = {"images": [images[0]], "durations": [0.2], **SMALL}
+    done, _ = wait_done(api, create(api, inp)["id"])
+    failed = create(api, {**inp, "_fault": {"kind": "fail"}})
+    wait_done(api, failed["id"])
+    by_model = api.post("/v1/models/acme/slides/predictions", json={"input": inp}).json()
+    api.post(f"/v1/predictions/{by_model['id']}/cancel")
+
+    page = list_page(api)
+    assert ids_of(page) == [by_model["id"], failed["id"], done["id"]]
+    assert page["next"] is None and page["previous"] is None
+    created = [p["created_at"] for p in page["results"]]
+    assert created == sorted(created, reverse=True)
+    for listed in page["results"]:
+        full = api.get(f"/v1/predictions/{listed['id']}").json()
+        assert full["logs"] and listed == {k: v for k, v in full.items() if k != "logs"}
+    first = page["results"][0]
+    assert (first["model"], first["version"], first["status"]) == (
+        "acme/slides",
+        "hidden",
+        "canceled",
+    )
+    assert page["results"][2]["output"] == done["output"] and page["results"][2]["input"] == inp
+
+    client = replicate.Client(api_token="x", base_url=lr.base_url)
+    parsed = client.predictions.list()
+    assert [p.id for p in parsed] == ids_of(page) and parsed.next is None
+    assert [p.status for p in parsed] == ["canceled", "failed", "succeeded"]
+    assert parsed[2].input == inp and parsed[2].output == done["output"]
+    assert parsed[2].urls == done["urls"] and parsed[2].created_at == done["created_at"]
+
+    assert_problem(httpx.get(f"{lr.base_url}/v1/predictions"), 401)
+    assert lr.stats()["lists"] == 3
+
+
+def test_list_pagination_follows_cursors(
+    api: httpx.Client, lr: RunningServer, images: list[str]
+) -> None:
+    lr.add_fault("slow_start", times=None, delay=60)  # they stay `starting`: nothing renders
+    inp = {"images": [images[0]], **SMALL}
+    newest_first = [create(api, inp)["id"] for _ in range(205)][::-1]
+
+    first = list_page(api)
+    assert ids_of(first) == newest_first[:100] and first["previous"] is None
+    parts = urlsplit(first["next"])
+    assert f"{parts.scheme}://{parts.netloc}{parts.path}" == f"{lr.base_url}/v1/predictions"
+    assert set(parse_qs(parts.query)) == {"cursor"}
+
+    # a prediction created meanwhile goes on top and does not shift the pages behind a cursor
+    extra = create(api, inp)
+    second = list_page(api, first["next"])
+    assert ids_of(second) == newest_first[100:200]
+    third = list_page(api, second["next"])
+    assert ids_of(third) == newest_first[200:] and third["next"] is None
+
+    back = list_page(api, third["previous"])
+    assert ids_of(back) == newest_first[100:200] and back["next"] == second["next"]
+    top = list_page(api, back["previous"])
+    assert ids_of(top) == newest_first[:100]
+    assert ids_of(list_page(api, top["previous"])) == [extra["id"]]
+
+    # filters stay in the next and previous URLs
+    older = list_page(api, created_before=extra["created_at"])
+    assert ids_of(older) == newest_first[:100]
+    assert parse_qs(urlsplit(older["next"]).query)["created_before"] == [extra["created_at"]]
+    assert ids_of(list_page(api, older["next"])) == newest_first[100:200]
+
+    assert_problem(api.get("/v1/predictions", params={"cursor": "bm90IGEgY3Vyc29y"}), 404)
+    assert_problem(api.get("/v1/predictions", params={"cursor": "%%%"}), 404)
+    assert lr.stats()["lists"] == 10
+
+    # the official client passes `next` back as the cursor; paginate() walks every page
+    client = replicate.Client(api_token="x", base_url=lr.base_url)
+    page = client.predictions.list()
+    assert [p.id for p in page] == [extra["id"], *newest_first[:99]] and page.previous is None
+    page2 = client.predictions.list(page.next)
+    assert [p.id for p in page2] == newest_first[99:199] and page2.previous
+    everything = [p.id for pg in paginate(client.predictions.list) for p in pg]
+    assert everything == [extra["id"], *newest_first]
+
+    async def walk() -> list[str]:
+        aclient = replicate.Client(api_token="x", base_url=lr.base_url)
+        first_page = await aclient.predictions.async_list()
+        assert len(first_page) == 100
+        return [p.id async for pg in async_paginate(aclient.predictions.async_list) for p in pg]
+
+    assert asyncio.run(walk()) == everything
+    assert lr.stats()["lists"] == 10 + 2 + 3 + 4
+
+
+def test_list_filters_by_creation_time_and_source(
+    api: httpx.Client, lr: RunningServer, images: list[str]
+) -> None:
+    lr.add_fault("slow_start", times=None, delay=60)
+    a, b, c = (create(api, {"images": [images[0]], **SMALL}) for _ in range(3))
+    assert ids_of(list_page(api, created_after=b["created_at"])) == [c["id"], b["id"]]
+    assert ids_of(list_page(api, created_before=b["created_at"])) == [a["id"]]
+    between = list_page(api, created_after=b["created_at"], created_before=c["created_at"])
+    assert ids_of(between) == [b["id"]]
+    naive = b["created_at"].removesuffix("Z")  # read as UTC
+    assert ids_of(list_page(api, created_after=naive)) == [c["id"], b["id"]]
+    assert list_page(api, source="web")["results"] == []  # everything here came from the API
+    assert_problem(api.get("/v1/predictions", params={"created_after": "yesterday"}), 422)
+    assert_problem(api.get("/v1/predictions", params={"source": "api"}), 422)
+
+
 # -- cancel --
 
 
@@ -450,6 +609,264 @@ def test_fault_download_error_and_input_fault(
     assert lr.stats()["file_gets"] == 3
 
 
+def test_fault_slow_create_holds_the_response_not_the_prediction(
+    api: httpx.Client, lr: RunningServer, images: list[str]
+) -> None:
+    inp = {"images": [images[0]], "durations": [0.2], **SMALL}
+    lr.add_fault("slow_create", delay=1.5)
+    answer: dict[str, Any] = {}
+
+    def call() -> None:
+        started = time.monotonic()
+        answer["resp"] = httpx.post(
+            f"{lr.base_url}/v1/predictions",
+            json={"version": "v", "input": inp},
+            headers={"Authorization": "Bearer t"},
+            timeout=30,
+        )
+        answer["took"] = time.monotonic() - started
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    _wait_for(lambda: len(lr.stats()["predictions"]) == 1, timeout=1.0)
+    assert caller.is_alive()  # the prediction exists before its create call has answered
+    (pid,) = lr.stats()["predictions"]
+    caller.join(10)
+    resp = answer["resp"]
+    assert resp.status_code == 201 and 1.4 < answer["took"] < 3
+    pred = check(resp.json(), lr.base_url)
+    # it was rendering while the response was held
+    assert pred["id"] == pid and pred["status"] != "starting"
+    assert wait_done(api, pid)[0]["status"] == "succeeded"
+    assert lr.stats()["creates"] == 1
+
+
+def test_fault_slow_create_client_timeout_leaves_one_running_prediction(
+    lr: RunningServer, images: list[str]
+) -> None:
+    lr.reset()
+    inp = {"images": [images[1]], "durations": [0.3], **SMALL}
+    client = replicate.Client(api_token="x", base_url=lr.base_url, timeout=httpx.Timeout(0.3))
+    client.poll_interval = 0.05
+
+    # replicate 1.0.7 sends a create without `wait` with timeout=None, which httpx reads as no
+    # timeout at all: the client's own timeout never applies to it
+    lr.add_fault("slow_create", delay=1.2)
+    started = time.monotonic()
+    assert client.predictions.create(version="v", input=inp).status != "starting"
+    assert time.monotonic() - started > 1.1
+
+    # with `wait`, its read timeout is wait + 0.5 s
+    lr.reset()
+    lr.add_fault("slow_create", delay=5)
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        client.predictions.create(version="v", input=inp, wait=1)
+    assert time.monotonic() - started < 2.5  # the client does not retry a create
+    stats = lr.stats()
+    assert stats["creates"] == 1 and len(stats["predictions"]) == 1
+    (pid,) = stats["predictions"]
+
+    # a caller that lost the answer can find what it created
+    listed = client.predictions.list()
+    assert [p.id for p in listed] == [pid] and listed[0].input == inp
+    prediction = client.predictions.get(pid)
+    prediction.wait()
+    assert prediction.status == "succeeded" and httpx.get(prediction.output).status_code == 200
+    assert lr.stats()["creates"] == 1
+
+
+def test_fault_slow_create_survives_a_killed_caller(
+    api: httpx.Client, lr: RunningServer, images: list[str]
+) -> None:
+    lr.add_fault("slow_create", delay=30)
+    body = {"version": "v", "input": {"images": [images[2]], "durations": [0.2], **SMALL}}
+    script = (
+        "import json, sys, httpx; httpx.post(sys.argv[1], json=json.loads(sys.argv[2]),"
+        " headers={'Authorization': 'Bearer t'}, timeout=60)"
+    )
+    caller = subprocess.Popen(
+        [sys.executable, "-c", script, f"{lr.base_url}/v1/predictions", json.dumps(body)]
+    )
+    try:
+        _wait_for(lambda: len(lr.stats()["predictions"]) == 1, timeout=20)
+        caller.kill()  # SIGKILL while its create call is still waiting for the answer
+        assert caller.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    (pid,) = lr.stats()["predictions"]
+    assert wait_done(api, pid)[0]["status"] == "succeeded"
+    stats = lr.stats()
+    assert stats["creates"] == 1 and stats["predictions"] == {pid: "succeeded"}
+
+
+def _output(api: httpx.Client, images: list[str]) -> tuple[str, bytes]:
+    inp = {"images": images[:2], "durations": [1.0, 1.0], **SMALL}
+    done, _ = wait_done(api, create(api, inp)["id"])
+    whole = httpx.get(done["output"])
+    assert whole.status_code == 200 and whole.content[4:8] == b"ftyp"
+    return done["output"], whole.content
+
+
+def test_fault_slow_download_spreads_the_transfer(
+    api: httpx.Client, lr: RunningServer, images: list[str]
+) -> None:
+    url, whole = _output(api, images)
+    lr.add_fault("slow_download", delay=1.5)
+    # HEAD and Range requests are answered at once and leave the fault for the next full GET
+    started = time.monotonic()
+    head = httpx.head(url)
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(whole))
+    assert httpx.get(url, headers={"Range": "bytes=0-7"}).content == whole[:8]
+    assert time.monotonic() - started < 0.5
+
+    got = b""
+    progress: list[tuple[float, int]] = []
+    started = time.monotonic()
+    with httpx.stream("GET", url) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"] == "video/mp4"
+        assert resp.headers["content-length"] == str(len(whole))
+        for chunk in resp.iter_bytes():
+            got += chunk
+            progress.append((time.monotonic() - started, len(got)))
+    took = time.monotonic() - started
+    assert got == whole and 1.4 < took < 2.5
+    # evenly spread: about half of it by half time, in many pieces
+    by_half_time = max((n for t, n in progress if t <= 0.75), default=0)
+    assert 0.3 * len(whole) < by_half_time < 0.7 * len(whole)
+    assert len(progress) >= 10
+
+    started = time.monotonic()
+    assert httpx.get(url).content == whole and time.monotonic() - started < 0.5  # used up
+    stats = lr.stats()
+    assert stats["download_completes"] == 3 and stats["download_aborts"] == 0
+    assert stats["file_gets"] == 5
+
+
+def test_fault_slow_download_stops_when_the_client_goes(
+    api: httpx.Client, lr: RunningServer, images: list[str]
+) -> None:
+    url, whole = _output(api, images)
+    lr.add_fault("slow_download", delay=5)
+    got = 0
+    started = time.monotonic()
+    with httpx.stream("GET", url) as resp:
+        for chunk in resp.iter_bytes():
+            got += len(chunk)
+            if time.monotonic() - started > 0.5:
+                break  # closing the response with body left unread drops the connection
+    left = time.monotonic()
+    assert 0 < got < len(whole) / 2
+    _wait_for(lambda: lr.stats()["download_aborts"] == 1, timeout=3)
+    assert time.monotonic() - left < 1.0
+    assert lr.stats()["download_completes"] == 1  # only the plain download in _output
+
+
+async def test_fault_slow_download_cancelled_async_reader(
+    lr: RunningServer, images: list[str]
+) -> None:
+    """Cancelling the task that streams an output (as a cancelled render does) ends it at once."""
+    api = httpx.Client(base_url=lr.base_url, headers={"Authorization": "Bearer t"})
+    await asyncio.to_thread(lr.reset)
+    url, whole = await asyncio.to_thread(_output, api, images)
+    await asyncio.to_thread(lr.add_fault, "slow_download", delay=5)
+    received = 0
+
+    async def read() -> None:
+        nonlocal received
+        async with httpx.AsyncClient() as http, http.stream("GET", url) as resp:
+            async for chunk in resp.aiter_bytes():
+                received += len(chunk)
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.5)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert 0 < received < len(whole)
+    left = time.monotonic()
+    while (await asyncio.to_thread(lr.stats))["download_aborts"] != 1:
+        assert time.monotonic() - left < 1.0, "the server kept sending"
+        await asyncio.sleep(0.03)
+
+
+def test_fault_lose_webhook(api: httpx.Client, lr: RunningServer, images: list[str]) -> None:
+    inp = {"images": [images[0]], "durations": [0.2], **SMALL}
+    with webhook_receiver() as hooks:
+        lr.add_fault("lose_webhook")
+        lost = create(
+            api, inp, webhook=f"{hooks.base_url}/lost", webhook_events_filter=["start", "completed"]
+        )
+        # the fault was taken by that create; the next prediction's webhooks arrive
+        client = replicate.Client(api_token="x", base_url=lr.base_url)
+        kept = client.predictions.create(
+            version="v",
+            input=inp,
+            webhook=f"{hooks.base_url}/kept",
+            webhook_events_filter=["start", "completed"],
+        )
+        assert wait_done(api, lost["id"])[0]["status"] == "succeeded"  # polling still works
+        wait_done(api, kept.id)
+        _wait_for(lambda: len(hooks.to("/kept")) == 2)
+        assert lr.stats()["webhooks_dropped"] == 2
+
+        # as an input fault, with every event: none of them is sent
+        own = create(
+            api, {**inp, "_fault": {"kind": "lose_webhook"}}, webhook=f"{hooks.base_url}/own"
+        )
+        wait_done(api, own["id"])
+        time.sleep(0.3)
+        assert hooks.to("/lost") == [] and hooks.to("/own") == []
+    stats = lr.stats()
+    # start, at least one log line, output and completed
+    assert stats["webhooks_dropped"] >= 2 + 4
+    assert {d["prediction_id"] for d in stats["webhook_deliveries"]} == {kept.id}
+
+
+def test_fault_duplicate_webhook(api: httpx.Client, lr: RunningServer, images: list[str]) -> None:
+    secret = _secret(api)
+    inp = {"images": [images[0]], "durations": [0.2], **SMALL}
+
+    with webhook_receiver() as hooks:
+        hooks.respond = lambda path, n: 500 if path == "/flaky" and n == 1 else 200
+        lr.add_fault("duplicate_webhook", delay=0.3)
+        dup = create(api, inp, webhook=f"{hooks.base_url}/dup")
+        wait_done(api, dup["id"])
+        _wait_for(lambda: len(final_calls(hooks.to("/dup"))) == 2)
+        first, second = final_calls(hooks.to("/dup"))
+        assert first.headers["webhook-id"] == second.headers["webhook-id"]
+        assert first.body == second.body and second.at - first.at >= 0.25
+        for call in (first, second):
+            assert replicate.webhooks.validate(
+                headers=call.headers, body=call.body, secret=secret, tolerance=300
+            ) in (None, True)
+        # only `completed` is sent twice
+        others = [c for c in hooks.to("/dup") if c not in (first, second)]
+        assert len({c.headers["webhook-id"] for c in others}) == len(others) >= 3
+
+        # a redelivery follows the acknowledged attempt, after any retries
+        lr.add_fault("duplicate_webhook")
+        flaky = create(
+            api, inp, webhook=f"{hooks.base_url}/flaky", webhook_events_filter=["completed"]
+        )
+        _wait_for(lambda: len(hooks.to("/flaky")) == 3)
+        time.sleep(0.3)
+        assert len(hooks.to("/flaky")) == 3
+        assert len({c.headers["webhook-id"] for c in hooks.to("/flaky")}) == 1
+
+    def log(pid: str) -> list[tuple[int, bool, bool]]:
+        return [
+            (d["attempt"], d["duplicate"], d["ok"])
+            for d in lr.stats()["webhook_deliveries"]
+            if d["prediction_id"] == pid and d["event"] == "completed"
+        ]
+
+    assert log(dup["id"]) == [(1, False, True), (2, True, True)]
+    assert log(flaky["id"]) == [(1, False, False), (2, False, True), (3, True, True)]
+
+
 def test_stats_and_reset(api: httpx.Client, lr: RunningServer, images: list[str]) -> None:
     pred = create(api, {"images": [images[0]], **SMALL})
     lr.add_fault("fail", times=None)
@@ -480,19 +897,6 @@ def test_retention_removes_output(tmp_path: Path, images: list[str]) -> None:
 
 
 # -- webhooks --
-
-
-def _secret(api: httpx.Client) -> WebhookSigningSecret:
-    key = api.get("/v1/webhooks/default/secret").json()["key"]
-    assert key.startswith("whsec_")
-    return WebhookSigningSecret(key=key)
-
-
-def _wait_for(predicate: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.03)
 
 
 def test_webhooks_signed_and_all_events(
@@ -558,6 +962,88 @@ def test_webhook_filter_retry_and_no_redirects(
     assert [d["status_code"] for d in moved_log] == [307] * 4 and not any(
         d["ok"] for d in moved_log
     )
+
+
+def test_webhook_retries_only_completed_with_backoff(
+    api: httpx.Client, lr: RunningServer, images: list[str]
+) -> None:
+    inp = {"images": [images[0]], "durations": [0.2], **SMALL}
+    with webhook_receiver() as hooks:
+        hooks.respond = lambda path, n: 503
+        down = create(api, inp, webhook=f"{hooks.base_url}/down")
+        wait_done(api, down["id"])
+        _wait_for(lambda: len(final_calls(hooks.to("/down"))) == 4)
+        time.sleep(0.5)
+        calls = hooks.to("/down")
+        completed = final_calls(calls)
+        # 1 + the 3 configured retries, one message id, spaced by the configured backoff
+        assert len(completed) == 4 and len({c.headers["webhook-id"] for c in completed}) == 1
+        gaps = [b.at - a.at for a, b in zip(completed, completed[1:], strict=False)]
+        assert all(gap >= delay - 0.02 for gap, delay in zip(gaps, (0.1, 0.2, 0.3), strict=True))
+        # the other events were tried once each, failures and all
+        others = [c for c in calls if c not in completed]
+        assert len(others) >= 3 and len({c.headers["webhook-id"] for c in others}) == len(others)
+
+    # a receiver that cannot be reached is retried the same way
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again before the prediction runs
+    gone = create(
+        api,
+        inp,
+        webhook=f"http://127.0.0.1:{port}/hook",
+        webhook_events_filter=["start", "completed"],
+    )
+    wait_done(api, gone["id"])
+
+    def tries() -> list[dict[str, Any]]:
+        return [d for d in lr.stats()["webhook_deliveries"] if d["prediction_id"] == gone["id"]]
+
+    _wait_for(lambda: len(tries()) == 5)
+    time.sleep(0.3)
+    log = tries()
+    assert [(d["event"], d["attempt"]) for d in log] == [
+        ("start", 1),
+        ("completed", 1),
+        ("completed", 2),
+        ("completed", 3),
+        ("completed", 4),
+    ]
+    assert all(d["status_code"] is None and "ConnectError" in d["error"] for d in log)
+    assert not any(d["ok"] for d in log)
+
+
+def test_webhook_signature_uses_the_configured_secret(tmp_path: Path, images: list[str]) -> None:
+    key = "whsec_" + base64.b64encode(b"another-secret-just-for-this-test").decode()
+    config = ServerConfig(data_dir=tmp_path, webhook_secret=key, start_delay=0.05)
+    with RunningServer(config) as server, webhook_receiver() as hooks:
+        api = httpx.Client(base_url=server.base_url, headers={"Authorization": "Bearer t"})
+        assert api.get("/v1/webhooks/default/secret").json() == {"key": key}
+        inp = {"images": [images[0]], "durations": [0.2], **SMALL}
+        create(api, inp, webhook=f"{hooks.base_url}/hook", webhook_events_filter=["start"])
+        _wait_for(lambda: len(hooks.to("/hook")) == 1)
+        (call,) = hooks.to("/hook")
+
+    assert replicate.webhooks.validate(
+        headers=call.headers, body=call.body, secret=WebhookSigningSecret(key=key), tolerance=300
+    ) in (None, True)
+    with pytest.raises(InvalidSignatureError):
+        replicate.webhooks.validate(
+            headers=call.headers,
+            body=call.body,
+            secret=WebhookSigningSecret(key=DEFAULT_WEBHOOK_SECRET),
+        )
+    # Standard Webhooks by hand: HMAC-SHA256 of "id.timestamp.body" under the decoded secret
+    msg_id, stamp = call.headers["webhook-id"], call.headers["webhook-timestamp"]
+    assert abs(int(stamp) - time.time()) < 10
+    mac = hmac.new(
+        base64.b64decode(key.removeprefix("whsec_")),
+        f"{msg_id}.{stamp}.{call.body}".encode(),
+        hashlib.sha256,
+    )
+    expected = "v1," + base64.b64encode(mac.digest()).decode()
+    assert expected in call.headers["webhook-signature"].split()
+    assert json.loads(call.body)["status"] == "starting"
 
 
 # -- command line --
