@@ -291,6 +291,11 @@ class RenderActivities:
                 f"Could not reach Replicate at {self.provider.base_url}: {exc!r}",
                 type="ProviderUnavailable",
             ) from exc
+        except TimeoutError as exc:
+            raise ApplicationError(
+                f"Replicate at {self.provider.base_url} did not answer in time",
+                type="ProviderUnavailable",
+            ) from exc
 
     @activity.defn
     async def poll_prediction(self, input: PollPredictionInput) -> PredictionOutcome:

@@ -319,7 +319,8 @@ class JobStore:
         with self._job(job_id) as job:
             job.current_stage = stage
             job.progress_message = message
-            if job.status not in FINISHED:
+            # A job in review stays there until approved; finished jobs stay finished.
+            if job.status not in FINISHED and job.status != JobStatus.IN_REVIEW:
                 job.status = JobStatus.RENDERING
             if scenes_total is not None:
                 job.scenes_total = scenes_total

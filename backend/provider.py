@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +18,8 @@ from backend.settings import Settings
 
 # replicate 1.0.7 builds its models with pydantic.v1 when pydantic 2 is installed.
 _MODEL_ERRORS = (pydantic.ValidationError, pydantic.v1.ValidationError)
+
+CREATE_TIMEOUT_SECONDS = 60.0
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
@@ -89,10 +92,13 @@ class ProviderClient:
             params["webhook"] = webhook
             params["webhook_events_filter"] = webhook_events_filter or ["completed"]
         name, _, version = self.settings.replicate_model.partition(":")
-        if version:
-            prediction = await self.client.predictions.async_create(version=version, **params)
-        else:
-            prediction = await self.client.models.predictions.async_create(model=name, **params)
+        # replicate 1.0.7 sends a create without any timeout: bound it here. A create cut
+        # off this way may still have gone through; the ledger finds it.
+        async with asyncio.timeout(CREATE_TIMEOUT_SECONDS):
+            if version:
+                prediction = await self.client.predictions.async_create(version=version, **params)
+            else:
+                prediction = await self.client.models.predictions.async_create(model=name, **params)
         return PredictionState.from_json(prediction.dict())
 
     async def get(self, prediction_id: str) -> PredictionState:

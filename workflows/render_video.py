@@ -376,14 +376,18 @@ class RenderVideo:
             ),
             summary=f"Poll prediction {prediction_id} every {_duration(interval.total_seconds())}",
         )
-        await workflow.wait_condition(lambda: poll.done() or heard())
-        if not poll.done():
-            poll.cancel()
+        try:
+            await workflow.wait_condition(lambda: poll.done() or heard())
+        finally:
+            # A webhook won, or the run itself is being cancelled: stop polling either way.
+            if not poll.done():
+                poll.cancel()
+        if heard():
             with contextlib.suppress(ActivityError):
-                await poll
+                await poll  # settles the cancelled poll
             return self._from_webhook(prediction_id)
         try:
-            return poll.result()
+            return await poll
         except ActivityError as err:
             if not _is_schedule_to_close_timeout(err):
                 raise

@@ -1,0 +1,613 @@
+"""Durable control from outside: webhooks, review and approve, progress, cancel, search.
+
+Everything runs on real parts: the dev server, the worker, the API over HTTP, the local
+render server (which signs and sends webhooks the way Replicate does) and the `temporal` CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import Stack, running_stack
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from backend.cli import temporal_binary
+from local_replicate.config import DEFAULT_WEBHOOK_SECRET
+from local_replicate.testing import RunningServer
+from local_replicate.webhooks import sign
+from workflows.payloads import ApproveRenderInput, RenderProgress
+from workflows.render_video import RenderVideo
+
+
+@pytest.fixture
+async def hooked(
+    temporal_env: WorkflowEnvironment, renderer: RunningServer, tmp_path: Path, jobs_db: str
+) -> AsyncIterator[Stack]:
+    """A stack whose renders are reported back by webhook (PUBLIC_BASE_URL is the API)."""
+    async with running_stack(
+        temporal_env,
+        renderer,
+        tmp_path,
+        webhooks=True,
+        database_url=jobs_db,
+        webhook_wait_seconds=2.0,
+    ) as stack:
+        yield stack
+
+
+async def cli(env: WorkflowEnvironment, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `temporal` CLI, run off the event loop: the worker answering it lives on that loop."""
+    address = env.client.service_client.config.target_host
+    return await asyncio.to_thread(
+        subprocess.run,
+        [temporal_binary(), *args, "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def handle_of(stack: Stack, job_id: int) -> WorkflowHandle[Any, Any]:
+    return stack.temporal.get_workflow_handle(f"render-video-{job_id}")
+
+
+async def history_events(stack: Stack, job_id: int) -> list[Any]:
+    return list((await handle_of(stack, job_id).fetch_history()).events)
+
+
+async def scheduled(stack: Stack, job_id: int) -> list[str]:
+    return [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in await history_events(stack, job_id)
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+
+
+async def signals(stack: Stack, job_id: int) -> list[str]:
+    return [
+        e.workflow_execution_signaled_event_attributes.signal_name
+        for e in await history_events(stack, job_id)
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    ]
+
+
+async def eventually(check: Any, within: float = 30.0, what: str = "condition") -> Any:
+    """Re-checks `check` (sync or async) until it returns something truthy."""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                value = check()
+                if asyncio.iscoroutine(value):
+                    value = await value
+                if value:
+                    return value
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def progress_of(stack: Stack, job_id: int) -> RenderProgress:
+    return await handle_of(stack, job_id).query(RenderVideo.progress)
+
+
+async def stage_is(stack: Stack, job_id: int, stage: str) -> bool:
+    try:
+        return (await progress_of(stack, job_id)).stage == stage
+    except Exception:  # noqa: BLE001 - the run may not have had its first task yet
+        return False
+
+
+def signed_headers(body: str, *, secret: str = DEFAULT_WEBHOOK_SECRET, age: int = 0) -> dict:
+    msg_id = f"msg_test_{time.monotonic_ns()}"
+    stamp = int(time.time()) - age
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": sign(secret, msg_id, stamp, body),
+    }
+
+
+# -- webhooks --
+
+
+async def test_webhook_render_completes_with_at_most_one_get(hooked: Stack) -> None:
+    job_id = await hooked.create_job(hooked.sample_scenes(count=2))
+    assert (await hooked.api.post(f"/api/v2/jobs/{job_id}/approve")).status_code == 200
+    job = await hooked.wait_closed(job_id)
+    assert job["status"] == "completed", job["error_message"]
+
+    stats = hooked.renderer.stats()
+    assert stats["creates"] == 1
+    assert stats["gets"] <= 1
+    delivered = [
+        d for d in stats["webhook_deliveries"] if d["prediction_id"] == job["prediction_id"]
+    ]
+    assert delivered, "the render server never called the webhook"
+    assert await signals(hooked, job_id) == ["approve", "prediction_finished"]
+    # The webhook answered: no polling activity was ever scheduled.
+    assert "poll_prediction" not in await scheduled(hooked, job_id)
+
+
+async def test_lost_webhook_falls_back_to_polling(hooked: Stack) -> None:
+    hooked.renderer.add_fault("lose_webhook")
+    job_id = await hooked.create_job(hooked.sample_scenes(count=1))
+    await hooked.api.post(f"/api/v2/jobs/{job_id}/approve")
+    job = await hooked.wait_closed(job_id)
+    assert job["status"] == "completed", job["error_message"]
+    assert "prediction_finished" not in await signals(hooked, job_id)
+    assert "poll_prediction" in await scheduled(hooked, job_id)
+    assert hooked.renderer.stats()["gets"] >= 1
+
+
+async def test_forged_or_stale_webhooks_get_401_and_change_nothing(hooked: Stack) -> None:
+    hooked.renderer.add_fault("slow_render", delay=3.0)
+    job_id = await hooked.create_job(hooked.sample_scenes(count=1))
+    await hooked.api.post(f"/api/v2/jobs/{job_id}/approve")
+    prediction_id = await eventually(
+        lambda: hooked.store.get(job_id)["prediction_id"], what="the prediction id"
+    )
+    forged = json.dumps(
+        {"id": prediction_id, "status": "succeeded", "output": "http://evil.example/x.mp4"}
+    )
+    url = f"/api/v2/webhooks/replicate?job_id={job_id}"
+    bad_secret = "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQQ=="
+    attempts = {
+        "wrong secret": signed_headers(forged, secret=bad_secret),
+        "stale timestamp": signed_headers(forged, age=600),
+        "no signature": {"content-type": "application/json"},
+    }
+    for name, headers in attempts.items():
+        response = await hooked.api.post(url, content=forged, headers=headers)
+        assert response.status_code == 401, (name, response.text)
+        assert "detail" in response.json()
+    # A body changed after signing is refused too.
+    headers = signed_headers(forged)
+    tampered = forged.replace("evil", "eviler")
+    assert (await hooked.api.post(url, content=tampered, headers=headers)).status_code == 401
+
+    assert "prediction_finished" not in await signals(hooked, job_id)
+    job = await hooked.wait_closed(job_id)
+    assert job["status"] == "completed"
+    assert hooked.store.get(job_id)["video_url"] == f"/api/videos/{job_id}/data"
+
+
+async def test_repeated_or_late_webhook_is_harmless(hooked: Stack) -> None:
+    job_id = await hooked.create_job(hooked.sample_scenes(count=1))
+    await hooked.api.post(f"/api/v2/jobs/{job_id}/approve")
+    job = await hooked.wait_closed(job_id)
+    assert job["status"] == "completed"
+    delivery = next(
+        d
+        for d in hooked.renderer.stats()["webhook_deliveries"]
+        if d["prediction_id"] == job["prediction_id"]
+    )
+    body = json.dumps({"id": job["prediction_id"], "status": "failed", "error": "late and wrong"})
+    url = f"/api/v2/webhooks/replicate?job_id={job_id}"
+
+    # The same webhook id again (Replicate retrying) is acknowledged as already done.
+    again = signed_headers(body)
+    again["webhook-id"] = delivery["webhook_id"]
+    again["webhook-signature"] = sign(
+        DEFAULT_WEBHOOK_SECRET, delivery["webhook_id"], int(again["webhook-timestamp"]), body
+    )
+    response = await hooked.api.post(url, content=body, headers=again)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "duplicate"
+
+    # A new, valid webhook after the run closed changes nothing either.
+    late = await hooked.api.post(url, content=body, headers=signed_headers(body))
+    assert late.status_code == 200, late.text
+    assert late.json()["status"] == "run_closed"
+    after = hooked.store.get(job_id)
+    assert after["status"] == "completed" and after["error_message"] is None
+    assert await signals(hooked, job_id) == ["approve", "prediction_finished"]
+
+
+async def test_duplicate_webhook_delivery_signals_the_run_once(hooked: Stack) -> None:
+    hooked.renderer.add_fault("duplicate_webhook")
+    job_id = await hooked.create_job(hooked.sample_scenes(count=1))
+    await hooked.api.post(f"/api/v2/jobs/{job_id}/approve")
+    job = await hooked.wait_closed(job_id)
+    assert job["status"] == "completed"
+
+    def both_delivered() -> bool:
+        stats = hooked.renderer.stats()
+        mine = [
+            d
+            for d in stats["webhook_deliveries"]
+            if d["prediction_id"] == job["prediction_id"] and d["ok"]
+        ]
+        return len(mine) == 2 and mine[0]["webhook_id"] == mine[1]["webhook_id"]
+
+    await eventually(both_delivered, what="two deliveries of the same webhook")
+    assert (await signals(hooked, job_id)).count("prediction_finished") == 1
+
+
+# -- review, approve signal and update --
+
+
+async def test_review_waits_for_the_cli_approve_signal(
+    stack: Stack, temporal_env: WorkflowEnvironment
+) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=2))
+    response = await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "in_review"
+    await eventually(lambda: stage_is(stack, job_id, "awaiting_approval"), what="review")
+    job = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+    assert job["status"] == "in_review"
+    assert job["live"]["awaiting_approval"] is True
+    assert stack.renderer.stats()["creates"] == 0  # nothing billed before approval
+
+    result = await cli(
+        temporal_env, "workflow", "signal", "-w", f"render-video-{job_id}", "--name", "approve"
+    )
+    assert result.returncode == 0, result.stderr
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "completed", job["error_message"]
+    assert job["approved"] is True
+    assert stack.renderer.stats()["creates"] == 1
+
+
+async def test_api_approve_signals_the_waiting_run_and_never_starts_two(
+    stack: Stack, temporal_env: WorkflowEnvironment
+) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+    await eventually(lambda: stage_is(stack, job_id, "awaiting_approval"), what="review")
+    first_run = (await handle_of(stack, job_id).describe()).run_id
+
+    approved = await stack.api.post(
+        f"/api/v2/jobs/{job_id}/approve", json={"approved_by": "ana@example.com"}
+    )
+    assert approved.status_code == 200, approved.text
+    again = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert again.json()["workflow_id"] == approved.json()["workflow_id"]
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "completed"
+    assert job["approved_by"] == "ana@example.com"
+    assert (await handle_of(stack, job_id).describe()).run_id == first_run
+    runs = [
+        run async for run in stack.temporal.list_workflows(f"WorkflowId = 'render-video-{job_id}'")
+    ]
+    assert len(runs) == 1
+    assert stack.renderer.stats()["creates"] == 1
+
+
+async def test_approve_render_update_returns_validation_errors(stack: Stack) -> None:
+    scenes = stack.sample_scenes(count=2)
+    scenes[1]["image_url"] = None
+    job_id = await stack.create_job(scenes)
+    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+    result = await handle_of(stack, job_id).execute_update(
+        RenderVideo.approve_render, ApproveRenderInput(approved_by="cli")
+    )
+    assert result.accepted is False
+    assert result.errors == ["Scene 2 is missing image"]
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "failed"
+    assert job["error_message"] == "Scene 2 is missing image"
+    assert stack.renderer.stats()["creates"] == 0
+
+
+async def test_approve_render_update_approves_a_valid_storyboard(stack: Stack) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+    result = await handle_of(stack, job_id).execute_update(
+        RenderVideo.approve_render, ApproveRenderInput(approved_by="update")
+    )
+    assert result.accepted is True and result.errors == []
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "completed"
+    assert job["approved_by"] == "update"
+
+
+async def test_review_without_approval_expires(
+    temporal_env: WorkflowEnvironment, renderer: RunningServer, tmp_path: Path, jobs_db: str
+) -> None:
+    async with running_stack(
+        temporal_env, renderer, tmp_path, database_url=jobs_db, review_timeout_seconds=1.0
+    ) as stack:
+        job_id = await stack.create_job(stack.sample_scenes(count=1))
+        await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+        job = await stack.wait_closed(job_id)
+        assert job["status"] == "expired"
+        assert (
+            job["error_message"]
+            == f"Review expired: job {job_id} was not approved within 1 seconds"
+        )
+        view = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+        assert view == {
+            "status": "expired",
+            "job_id": job_id,
+            "error": job["error_message"],
+            "workflow_id": f"render-video-{job_id}",
+        }
+        described = await handle_of(stack, job_id).describe()
+        assert described.status == WorkflowExecutionStatus.FAILED
+        assert renderer.stats()["creates"] == 0
+        # An expired job may be submitted again.
+        again = await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+        assert again.status_code == 200, again.text
+
+
+# -- progress: query, GET, CLI, SSE --
+
+
+async def test_progress_query_from_the_sdk_the_api_and_the_cli(
+    stack: Stack, temporal_env: WorkflowEnvironment
+) -> None:
+    stack.renderer.add_fault("slow_render", delay=3.0)
+    job_id = await stack.create_job(stack.sample_scenes(count=3))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    await eventually(lambda: stage_is(stack, job_id, "rendering"), what="rendering")
+
+    live = await progress_of(stack, job_id)
+    assert live.job_id == job_id and live.scenes_total == 3
+    assert live.prediction_id and live.prediction_status in ("starting", "processing")
+    assert live.estimated_cost == "0.31"  # 3 x $0.003 + 3 s x $0.10, rounded to the cent
+
+    view = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+    assert view["status"] == "rendering"
+    assert set(view["progress"]) == {"current_stage", "message", "scenes_total", "scenes_completed"}
+    assert view["progress"]["current_stage"] == "rendering"
+    assert view["live"]["prediction_id"] == live.prediction_id
+
+    result = await cli(
+        temporal_env,
+        "workflow",
+        "query",
+        "-w",
+        f"render-video-{job_id}",
+        "--type",
+        "progress",
+        "-o",
+        "json",
+    )
+    assert result.returncode == 0, result.stderr
+    assert live.prediction_id in result.stdout and '"stage"' in result.stdout
+    assert (await stack.wait_closed(job_id))["status"] == "completed"
+
+
+async def test_events_stream_follows_a_render_to_its_end(stack: Stack) -> None:
+    stack.renderer.add_fault("slow_render", delay=1.5)
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    events: list[tuple[str, dict[str, Any]]] = []
+    async with stack.api.stream("GET", f"/api/v2/jobs/{job_id}/events", timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: ") and name:
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    assert events[-1][0] == "end"
+    assert events[-1][1]["status"] == "completed"
+    stages = [data["progress"]["current_stage"] for kind, data in events if "progress" in data]
+    assert "rendering" in stages
+    assert all(kind == "progress" for kind, _ in events[:-1])
+
+
+async def test_events_of_an_unknown_job_are_404(stack: Stack) -> None:
+    response = await stack.api.get("/api/v2/jobs/999999999/events")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Job 999999999 not found"}
+
+
+# -- cancellation --
+
+
+async def test_cancel_over_http_cancels_the_prediction_and_the_run(stack: Stack) -> None:
+    stack.renderer.add_fault("slow_render", delay=30.0)
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    prediction_id = await eventually(
+        lambda: stack.store.get(job_id)["prediction_id"], what="the prediction id"
+    )
+    response = await stack.api.post(f"/api/v2/jobs/{job_id}/cancel")
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "cancelling"
+
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "cancelled"
+    assert job["error_message"] == "Render cancelled"
+    assert prediction_id in stack.renderer.stats()["cancelled_ids"]
+    assert stack.renderer.stats()["predictions"][prediction_id] == "canceled"
+    described = await handle_of(stack, job_id).describe()
+    assert described.status == WorkflowExecutionStatus.CANCELED
+
+    again = await stack.api.post(f"/api/v2/jobs/{job_id}/cancel")
+    assert again.status_code == 409
+    assert again.json() == {
+        "detail": f"Job {job_id} is already cancelled; there is nothing to cancel"
+    }
+
+
+async def test_cancel_mid_download_stops_it_and_leaves_no_partial_file(stack: Stack) -> None:
+    stack.renderer.add_fault("slow_download", delay=60.0)
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    folder = Path(stack.settings.data_dir, "videos", str(job_id))
+    await eventually(lambda: list(folder.glob(".download-*.part")), what="a partial download")
+
+    started = time.monotonic()
+    assert (await stack.api.post(f"/api/v2/jobs/{job_id}/cancel")).status_code == 202
+    job = await stack.wait_closed(job_id)
+    # A 60-second download stopped within seconds: the heartbeat carried the cancel.
+    assert time.monotonic() - started < 20
+    assert job["status"] == "cancelled"
+    assert not list(folder.glob(".download-*.part"))
+    assert not (folder / "final.mp4").exists()
+    await eventually(
+        lambda: stack.renderer.stats()["download_aborts"] >= 1, what="the download to be dropped"
+    )
+    described = await handle_of(stack, job_id).describe()
+    assert described.status == WorkflowExecutionStatus.CANCELED
+
+
+async def test_cli_cancel_of_a_run_in_review_bills_nothing(
+    stack: Stack, temporal_env: WorkflowEnvironment
+) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+    await eventually(lambda: stage_is(stack, job_id, "awaiting_approval"), what="review")
+    result = await cli(temporal_env, "workflow", "cancel", "-w", f"render-video-{job_id}")
+    assert result.returncode == 0, result.stderr
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "cancelled"
+    assert stack.renderer.stats()["creates"] == 0
+    assert (await handle_of(stack, job_id).describe()).status == WorkflowExecutionStatus.CANCELED
+
+
+async def test_cancel_of_a_finished_or_unstarted_job_is_409(stack: Stack) -> None:
+    done = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{done}/approve")
+    assert (await stack.wait_closed(done))["status"] == "completed"
+    response = await stack.api.post(f"/api/v2/jobs/{done}/cancel")
+    assert response.status_code == 409
+    assert response.json() == {
+        "detail": f"Job {done} is already completed; there is nothing to cancel"
+    }
+    assert (await stack.api.get(f"/api/v2/jobs/{done}")).json()["status"] == "completed"
+
+    ready = await stack.create_job(stack.sample_scenes(count=1))
+    response = await stack.api.post(f"/api/v2/jobs/{ready}/cancel")
+    assert response.status_code == 409
+    assert response.json() == {"detail": f"Job {ready} is ready: no render is running to cancel"}
+
+    missing = await stack.api.post("/api/v2/jobs/999999999/cancel")
+    assert missing.status_code == 404
+
+
+async def test_cancel_of_a_terminated_run_closes_the_job(
+    stack: Stack, temporal_env: WorkflowEnvironment
+) -> None:
+    stack.renderer.add_fault("slow_render", delay=30.0)
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    await eventually(lambda: stack.store.get(job_id)["prediction_id"], what="the prediction")
+    await handle_of(stack, job_id).terminate("test: no cleanup")
+    assert stack.store.get(job_id)["status"] == "rendering"  # terminate does no cleanup
+
+    response = await stack.api.post(f"/api/v2/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+    assert stack.store.get(job_id)["status"] == "cancelled"
+
+
+# -- search attributes and the story in the UI --
+
+
+async def test_runs_are_found_by_job_id_and_stage(
+    stack: Stack, temporal_env: WorkflowEnvironment
+) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert (await stack.wait_closed(job_id))["status"] == "completed"
+
+    async def listed() -> str:
+        result = await cli(
+            temporal_env, "workflow", "list", "-q", f"JobId = '{job_id}'", "-o", "json"
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout if f"render-video-{job_id}" in result.stdout else ""
+
+    # Visibility is eventually consistent.
+    await eventually(listed, what="the run in the visibility store")
+    query = f"JobId = '{job_id}' AND RenderStage = 'completed'"
+    runs = await eventually(
+        lambda: _collect(stack.temporal.list_workflows(query)), what="RenderStage completed"
+    )
+    assert [run.id for run in runs] == [f"render-video-{job_id}"]
+
+
+async def _collect(iterator: Any) -> list[Any]:
+    return [item async for item in iterator]
+
+
+async def test_every_activity_and_the_run_carry_a_summary(stack: Stack) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    await stack.wait_closed(job_id)
+    converter = stack.temporal.data_converter.payload_converter
+    summaries = {}
+    for event in await history_events(stack, job_id):
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            name = event.activity_task_scheduled_event_attributes.activity_type.name
+            assert event.user_metadata.HasField("summary"), name
+            summaries[name] = converter.from_payloads([event.user_metadata.summary])[0]
+    assert summaries["validate_storyboard"] == f"Validate the storyboard of job {job_id}"
+    assert summaries["download_video"] == f"Download the video of job {job_id}"
+    described = await handle_of(stack, job_id).describe()
+    assert await described.static_summary() == f"Render job {job_id} into a video"
+
+
+# -- budget --
+
+
+async def test_over_budget_job_fails_before_any_prediction(stack: Stack) -> None:
+    response = await stack.api.post(
+        "/api/v2/jobs", json={"storyboard": stack.sample_scenes(count=3), "max_cost": 0.10}
+    )
+    assert response.status_code == 201, response.text
+    job_id = response.json()["job_id"]
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "failed"
+    assert job["error_message"] == (
+        "Estimated cost $0.31 exceeds the job's budget (max_cost) of $0.10; "
+        "no prediction was created"
+    )
+    assert stack.renderer.stats()["creates"] == 0
+    assert "start_prediction" not in await scheduled(stack, job_id)
+
+
+async def test_job_within_budget_renders_and_reports_it(stack: Stack) -> None:
+    response = await stack.api.post(
+        "/api/v2/jobs", json={"storyboard": stack.sample_scenes(count=1), "max_cost": 5}
+    )
+    job_id = response.json()["job_id"]
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert (await stack.wait_closed(job_id))["status"] == "completed"
+    view = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+    assert view["max_cost"] == 5.0 and view["over_budget"] is False
+
+
+@pytest.mark.parametrize("max_cost", [0, -1, "lots", 0.001, 10_000_000])
+async def test_bad_budgets_are_422(stack: Stack, max_cost: Any) -> None:
+    response = await stack.api.post("/api/v2/jobs", json={"max_cost": max_cost})
+    assert response.status_code == 422
+    assert "max_cost" in json.dumps(response.json()["detail"])
+
+
+async def test_webhook_secret_unavailable_is_503_not_500(
+    temporal_env: WorkflowEnvironment, renderer: RunningServer, tmp_path: Path, jobs_db: str
+) -> None:
+    # The provider is unreachable, so the signing secret cannot be fetched to check a webhook.
+    async with running_stack(
+        temporal_env,
+        renderer,
+        tmp_path,
+        worker=False,
+        database_url=jobs_db,
+        replicate_base_url="http://127.0.0.1:9",
+    ) as stack:
+        body = json.dumps({"id": "x", "status": "succeeded"})
+        response = await stack.api.post(
+            "/api/v2/webhooks/replicate", content=body, headers=signed_headers(body)
+        )
+        assert response.status_code == 503
+        assert "webhook signing secret" in response.json()["detail"]
