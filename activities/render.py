@@ -195,6 +195,17 @@ class RenderActivities:
                 state = await self._provider_call(self.provider.get(entry["prediction_id"]))
                 return self._ref(state, adopted=True, webhook=bool(webhook))
 
+        job = await self._db(self.store.get, input.job_id)
+        earlier = job["prediction_id"]
+        if earlier and not entries:
+            # An earlier run of this job (terminated, so it cleaned nothing up) left its
+            # prediction running: adopt it rather than pay for the same render twice.
+            state = await self._provider_call(self.provider.get(earlier))
+            if not state.terminal and await self._db(
+                self.store.move_to_run, input.job_id, earlier, run_id
+            ):
+                return self._ref(state, adopted=True, webhook=bool(webhook))
+
         unrecorded = [entry for entry in entries if not entry["prediction_id"]]
         if unrecorded:
             since = min(_aware(entry["intent_at"]) for entry in unrecorded)

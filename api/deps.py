@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from temporalio.client import Client
 
 from backend.database import JobStore
+from backend.provider import ProviderClient
 from backend.settings import Settings
 
 
@@ -19,10 +20,15 @@ def get_temporal(request: Request) -> Client:
     return request.app.state.temporal
 
 
+def get_provider(request: Request) -> ProviderClient:
+    return request.app.state.provider
+
+
 def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
 StoreDep = Annotated[JobStore, Depends(get_store)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
+ProviderDep = Annotated[ProviderClient, Depends(get_provider)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

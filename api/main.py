@@ -23,7 +23,7 @@ from replicate.webhook import WebhookSigningSecret
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import SettingsDep, StoreDep, TemporalDep
+from api.deps import ProviderDep, SettingsDep, StoreDep, TemporalDep
 from backend.database import (
     ACTIVE,
     FINISHED,
@@ -134,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.store = JobStore(make_engine(settings.resolved_database_url))
         app.state.temporal = await connect(settings, lazy=True)
+        app.state.provider = ProviderClient(settings)
         app.state.webhook_secret = settings.replicate_webhook_secret
         yield
 
@@ -209,9 +210,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return RenderStarted(status="in_review", job_id=job_id, workflow_id=workflow_id)
 
     @app.post("/api/v2/jobs/{job_id}/cancel", status_code=202)
-    async def cancel(job_id: JobId, store: StoreDep, temporal: TemporalDep) -> dict[str, Any]:
+    async def cancel(
+        job_id: JobId, store: StoreDep, temporal: TemporalDep, provider: ProviderDep
+    ) -> dict[str, Any]:
         """Cancels the job's run; the job reads `cancelled` once the run has cleaned up."""
-        return await cancel_render(temporal, store, job_id)
+        return await cancel_render(temporal, store, job_id, provider)
 
     @app.get("/api/v2/jobs/{job_id}")
     async def get_job_status(
@@ -328,7 +331,7 @@ async def _webhook_secret(app: FastAPI, settings: Settings) -> str:
     # Fetched once: Replicate's default signing secret does not change under a running API.
     if app.state.webhook_secret is None:
         try:
-            app.state.webhook_secret = await ProviderClient(settings).webhook_secret()
+            app.state.webhook_secret = await app.state.provider.webhook_secret()
         except Exception as exc:  # noqa: BLE001 - any failure means: cannot verify now
             raise ProviderUnreachable(
                 f"Could not fetch the webhook signing secret from {settings.provider_base_url}"

@@ -409,6 +409,24 @@ class JobStore:
                 return False
             return True
 
+    def move_to_run(self, job_id: int, prediction_id: str, run_id: str) -> bool:
+        """Hands a job's prediction from an earlier run (one that was terminated) to this one."""
+        with Session(self.engine) as session:
+            row = session.exec(
+                select(PredictionLedger).where(
+                    PredictionLedger.prediction_id == prediction_id,
+                    PredictionLedger.job_id == job_id,
+                )
+            ).first()
+            if row is None:
+                return False
+            row.run_id = run_id
+            row.state = "adopted"
+            row.updated_at = _now()
+            session.add(row)
+            session.commit()
+            return True
+
     def record_orphan(self, job_id: int, run_id: str, prediction_id: str, digest: str) -> None:
         with Session(self.engine) as session:
             session.add(

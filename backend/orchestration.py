@@ -27,6 +27,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from backend.database import ACTIVE, FINISHED, JobConflict, JobStatus, JobStore
+from backend.provider import ProviderClient
 from backend.settings import Settings
 from workflows.payloads import ApproveSignal, RenderVideoInput, RenderVideoResult
 from workflows.render_video import JOB_ID, RENDER_STAGE, RenderVideo, workflow_id_for
@@ -165,7 +166,9 @@ class NothingToCancel(JobConflict):
     """The job has no run to cancel."""
 
 
-async def cancel_render(client: Client, store: JobStore, job_id: int) -> dict[str, Any]:
+async def cancel_render(
+    client: Client, store: JobStore, job_id: int, provider: ProviderClient | None = None
+) -> dict[str, Any]:
     """Asks the job's run to cancel: the workflow cancels the prediction, stops the
     download, removes partial files and marks the job cancelled."""
     job = await asyncio.to_thread(store.get, job_id)
@@ -191,8 +194,13 @@ async def cancel_render(client: Client, store: JobStore, job_id: int) -> dict[st
         raise TemporalUnavailable(
             "Temporal is unavailable; the render was not cancelled, try again shortly"
         ) from exc
-    # No run is going (it was terminated, or never reached Temporal): the job row is all
-    # that is left to close.
+    # No run is going (it was terminated, or never reached Temporal): nobody else will stop
+    # its prediction or close the job row.
+    if provider is not None and job["prediction_id"]:
+        try:
+            await provider.cancel(job["prediction_id"])
+        except Exception as exc:  # noqa: BLE001 - the job is closed either way; say so in logs
+            log.warning("Could not cancel prediction %s: %s", job["prediction_id"], exc)
     await asyncio.to_thread(
         store.fail, job_id, "Render cancelled (no run was going)", status=JobStatus.CANCELLED
     )

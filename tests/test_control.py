@@ -502,10 +502,30 @@ async def test_cancel_of_a_terminated_run_closes_the_job(
     await handle_of(stack, job_id).terminate("test: no cleanup")
     assert stack.store.get(job_id)["status"] == "rendering"  # terminate does no cleanup
 
+    prediction_id = stack.store.get(job_id)["prediction_id"]
+
     response = await stack.api.post(f"/api/v2/jobs/{job_id}/cancel")
     assert response.status_code == 202
     assert response.json()["status"] == "cancelled"
     assert stack.store.get(job_id)["status"] == "cancelled"
+    # Nobody else would stop the terminated run's prediction.
+    assert prediction_id in stack.renderer.stats()["cancelled_ids"]
+
+
+async def test_approve_after_terminate_adopts_the_running_prediction(stack: Stack) -> None:
+    stack.renderer.add_fault("slow_render", delay=3.0)
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    prediction_id = await eventually(
+        lambda: stack.store.get(job_id)["prediction_id"], what="the prediction"
+    )
+    await handle_of(stack, job_id).terminate("test: stuck")
+    again = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert again.status_code == 200, again.text
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "completed", job["error_message"]
+    assert job["prediction_id"] == prediction_id
+    assert stack.renderer.stats()["creates"] == 1
 
 
 # -- search attributes and the story in the UI --
