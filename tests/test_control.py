@@ -325,7 +325,7 @@ async def test_review_without_approval_expires(
         assert job["status"] == "expired"
         assert (
             job["error_message"]
-            == f"Review expired: job {job_id} was not approved within 1 seconds"
+            == f"Review expired: job {job_id} was not approved within 1 second"
         )
         view = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
         assert view == {
