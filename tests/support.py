@@ -67,12 +67,28 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(
-    env: WorkflowEnvironment, renderer: RunningServer, data_dir: Path, **overrides: Any
+    env: WorkflowEnvironment,
+    renderer: RunningServer,
+    data_dir: Path,
+    *,
+    webhooks: bool = False,
+    worker: bool = True,
+    **overrides: Any,
 ) -> AsyncIterator[Stack]:
+    """The API on a thread and (unless worker=False) a worker in this process.
+
+    webhooks=True points PUBLIC_BASE_URL at this API, so the render server calls it back.
+    """
     address = env.client.service_client.config.target_host
     settings = make_settings(data_dir, address, renderer.base_url, **overrides)
     store = JobStore(make_engine(settings.resolved_database_url))
-    async with running_worker(env.client, settings):
-        with UvicornThread(create_app(settings)) as api_server:
-            async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as api:
-                yield Stack(settings, env.client, store, api, renderer)
+    with UvicornThread(create_app(settings)) as api_server:
+        if webhooks:
+            settings = settings.model_copy(update={"public_base_url": api_server.base_url})
+        async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as api:
+            stack = Stack(settings, env.client, store, api, renderer)
+            if not worker:
+                yield stack
+                return
+            async with running_worker(env.client, settings):
+                yield stack

@@ -324,8 +324,7 @@ async def test_review_without_approval_expires(
         job = await stack.wait_closed(job_id)
         assert job["status"] == "expired"
         assert (
-            job["error_message"]
-            == f"Review expired: job {job_id} was not approved within 1 second"
+            job["error_message"] == f"Review expired: job {job_id} was not approved within 1 second"
         )
         view = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
         assert view == {
