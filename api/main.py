@@ -110,13 +110,20 @@ def job_view(job: dict[str, Any], live: RenderProgress | None = None) -> dict[st
     return view
 
 
+QUERY_TIMEOUT = timedelta(seconds=2)
+
+
 async def live_progress(client: Client, job: dict[str, Any]) -> RenderProgress | None:
     """The running workflow's answer to `progress`; None when it cannot answer quickly."""
     if job["status"] not in ACTIVE:
         return None
     handle = client.get_workflow_handle(job["workflow_id"] or workflow_id_for(job["id"]))
     try:
-        return await handle.query(RenderVideo.progress, rpc_timeout=timedelta(seconds=2))
+        # rpc_timeout bounds one attempt; the client retries a refused connection for up
+        # to 10 s, so the whole call gets the bound too.
+        return await asyncio.wait_for(
+            handle.query(RenderVideo.progress, rpc_timeout=QUERY_TIMEOUT), QUERY_TIMEOUT.seconds
+        )
     except Exception as exc:  # noqa: BLE001 - a read must not fail because Temporal is slow
         log.debug("progress query for job %s failed: %s", job["id"], exc)
         return None

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import httpx
+from sqlmodel import Session
 from support import Stack, make_settings
 
 from api.main import create_app
+from backend.database import Job, JobStore, make_engine
+from local_replicate.config import DEFAULT_WEBHOOK_SECRET
 from local_replicate.testing import RunningServer
 from local_replicate.threaded import UvicornThread
+from local_replicate.webhooks import sign
 
 
 async def test_unknown_job_is_404(stack: Stack) -> None:
@@ -123,3 +128,65 @@ async def test_approve_while_temporal_is_down_is_503_and_keeps_the_job(
             assert job["approved"] is True
             assert job["workflow_id"] is None
             assert job["progress"]["current_stage"] == "storyboard"
+
+
+async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
+    renderer: RunningServer, tmp_path: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    settings = make_settings(tmp_path, closed, renderer.base_url)
+    store = JobStore(make_engine(settings.resolved_database_url))
+    with UvicornThread(create_app(settings)) as server:
+        async with httpx.AsyncClient(base_url=server.base_url) as api:
+            created = await api.post(
+                "/api/v2/jobs", json={"storyboard": [{"image_url": "http://a/b.png"}]}
+            )
+            job_id = created.json()["job_id"]
+            review = await api.post(f"/api/v2/jobs/{job_id}/review")
+            assert review.status_code == 503, review.text
+            assert store.get(job_id)["status"] == "ready"
+
+            store.mark_rendering(job_id, f"render-video-{job_id}")
+            cancel = await api.post(f"/api/v2/jobs/{job_id}/cancel")
+            assert cancel.status_code == 503, cancel.text
+            assert "not cancelled" in cancel.json()["detail"]
+            assert store.get(job_id)["status"] == "rendering"
+
+            # Reads still work, from the job store.
+            view = (await api.get(f"/api/v2/jobs/{job_id}")).json()
+            assert view["status"] == "rendering" and view["live"] is None
+
+            # A genuine webhook is refused with 503, so Replicate retries it later.
+            body = json.dumps({"id": "p1", "status": "succeeded", "output": "http://a/v.mp4"})
+            stamp = int(time.time())
+            headers = {
+                "webhook-id": "msg_down",
+                "webhook-timestamp": str(stamp),
+                "webhook-signature": sign(DEFAULT_WEBHOOK_SECRET, "msg_down", stamp, body),
+            }
+            hook = await api.post(
+                f"/api/v2/webhooks/replicate?job_id={job_id}", content=body, headers=headers
+            )
+            assert hook.status_code == 503, hook.text
+            assert not store.seen_webhook("msg_down")
+
+
+async def test_approve_refuses_a_job_whose_run_completed_but_whose_row_was_reset(
+    stack: Stack,
+) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert (await stack.wait_closed(job_id))["status"] == "completed"
+    # The job store is restored from a backup taken before the render finished.
+    with Session(stack.store.engine) as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        row.status = "ready"
+        session.add(row)
+        session.commit()
+    response = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert response.status_code == 409, response.text
+    assert "refusing to render it again" in response.json()["detail"]
+    assert stack.renderer.stats()["creates"] == 1

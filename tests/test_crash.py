@@ -1,0 +1,519 @@
+"""Crash and restart survival with real parts only: the worker is a subprocess killed with
+SIGKILL at a random point of a render and replaced by a new one, and the Temporal dev server
+(persisting to a SQLite file) is killed and started again mid-render.
+
+Whatever dies, each job must complete with exactly one prediction created (and billed) at the
+provider, no partial download left behind, and the job store agreeing with Temporal.
+
+The kill points are drawn from a seeded `random.Random`: the seed is printed with every test
+(shown on failure); set CRASH_SEED to replay a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import av
+import pytest
+from support import Stack, running_stack
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.testing import WorkflowEnvironment
+
+from backend.cli import temporal_binary
+from backend.settings import Settings
+from local_replicate.testing import RunningServer
+from workflows.payloads import RenderVideoResult
+from workflows.render_video import RENDER_STAGE, workflow_id_for
+
+SEED = int(os.environ.get("CRASH_SEED", random.SystemRandom().randrange(2**32)))
+
+
+# -- helpers: processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment `python -m worker` needs to join this test's stack.
+
+    Every inherited variable that names a setting is dropped first (REPLICATE_API_TOKEN would
+    send the worker to the real Replicate, PUBLIC_BASE_URL would switch on webhooks).
+    """
+    names = {name.upper() for name in Settings.model_fields}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.upper().startswith("REPLICATE_") and key.upper() not in names
+    }
+    env.update(
+        TEMPORAL_ADDRESS=settings.temporal_address,
+        TASK_QUEUE=settings.task_queue,
+        DATABASE_URL=settings.resolved_database_url,
+        DATA_DIR=str(settings.data_dir),
+        REPLICATE_BASE_URL=settings.provider_base_url,
+        POLL_INTERVAL_SECONDS=str(settings.poll_interval_seconds),
+        PYTHONUNBUFFERED="1",
+    )
+    if settings.public_base_url:
+        env["PUBLIC_BASE_URL"] = settings.public_base_url
+    return env
+
+
+class LoggedProcess:
+    """A subprocess whose output goes to a file in the test's directory (printed on teardown,
+    so pytest shows it when a test fails)."""
+
+    def __init__(self, name: str, args: list[str], log: Path, cwd: Path, env: dict[str, str]):
+        self.name = name
+        self.args = args
+        self.log = log
+        self.cwd = cwd
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.args, cwd=self.cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook, no graceful drain, no cleanup of any kind."""
+        assert self.proc is not None and self.alive, f"{self.name} is not running"
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or not self.alive:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class Workers:
+    """Worker subprocesses for one stack; each `start()` is a fresh `python -m worker`."""
+
+    def __init__(self, settings: Settings, folder: Path) -> None:
+        self.settings = settings
+        self.folder = folder
+        self.started: list[LoggedProcess] = []
+
+    async def start(self) -> LoggedProcess:
+        n = len(self.started) + 1
+        worker = LoggedProcess(
+            f"worker {n}",
+            [sys.executable, "-m", "worker"],
+            self.folder / f"worker-{n}.log",
+            # Not the repository: a developer's .env there must not configure the worker.
+            cwd=self.folder,
+            env=worker_env(self.settings),
+        )
+        worker.start()
+        self.started.append(worker)
+        # Polling starts before this line is logged; waiting for it keeps the kill points
+        # about the render rather than about the interpreter's start-up.
+        await wait_until(
+            lambda: "worker running" in worker.output() or not worker.alive,
+            60,
+            f"{worker.name} to start",
+        )
+        assert worker.alive, f"{worker.name} exited:\n{worker.output()}"
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            worker.stop()
+            print(f"--- {worker.name} log ---\n{worker.output()[-6000:]}")
+
+
+class TemporalDevServer(LoggedProcess):
+    """`temporal server start-dev` persisting to a SQLite file, restartable on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.db_file = folder / "temporal.db"
+        args = [
+            temporal_binary(),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--db-filename",
+            str(self.db_file),
+            "--headless",
+            "--log-level",
+            "warn",
+            "--search-attribute",
+            "JobId=Keyword",
+            "--search-attribute",
+            "RenderStage=Keyword",
+        ]
+        super().__init__("temporal", args, folder / "temporal.log", folder, dict(os.environ))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start_and_wait(self) -> None:
+        self.start()
+        await wait_until(
+            lambda: port_open(self.port) or not self.alive, 60, "the Temporal dev server"
+        )
+        assert self.alive, f"temporal exited:\n{self.output()}"
+
+
+# -- helpers: waiting and checking ------------------------------------------------------------
+
+
+async def wait_until(
+    predicate: Callable[[], Any], within: float, what: str, every: float = 0.05
+) -> Any:
+    """Polls `predicate` until it returns something truthy, and returns that."""
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+def crash_rng(name: str) -> random.Random:
+    # One stream per test, so adding a test does not move the others' kill points.
+    print(f"crash seed: CRASH_SEED={SEED} ({name})")
+    return random.Random(f"{SEED}:{name}")
+
+
+async def approve(stack: Stack, scenes: list[dict[str, Any]]) -> int:
+    job_id = await stack.create_job(scenes)
+    response = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert response.status_code == 200, response.text
+    return job_id
+
+
+async def wait_result(stack: Stack, job_id: int, within: float) -> RenderVideoResult:
+    handle = stack.temporal.get_workflow_handle(
+        workflow_id_for(job_id), result_type=RenderVideoResult
+    )
+    return await asyncio.wait_for(handle.result(), within)
+
+
+def partial_files(stack: Stack, job_id: int) -> list[Path]:
+    return sorted(stack.settings.video_dir(job_id).glob(".download-*.part"))
+
+
+def prediction_status(stack: Stack, prediction_id: str | None) -> str | None:
+    if not prediction_id:
+        return None
+    return stack.renderer.stats()["predictions"].get(prediction_id)
+
+
+async def assert_db_agrees_with_temporal(
+    stack: Stack, job_id: int, result: RenderVideoResult
+) -> dict[str, Any]:
+    """Both sides say completed, with the same prediction, video and cost."""
+    description = await stack.temporal.get_workflow_handle(workflow_id_for(job_id)).describe()
+    assert description.status == WorkflowExecutionStatus.COMPLETED
+    assert description.typed_search_attributes.get(RENDER_STAGE) == "completed"
+    job = stack.store.get(job_id)
+    assert job["status"] == "completed", job["error_message"]
+    assert result.status == "completed"
+    assert job["workflow_id"] == workflow_id_for(job_id)
+    assert job["prediction_id"] == result.prediction_id
+    assert job["video_url"] == result.video_url == f"/api/videos/{job_id}/data"
+    assert result.actual_cost is not None
+    assert Decimal(str(job["actual_cost"])) == Decimal(result.actual_cost)
+    # The API reads the same row.
+    view = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+    assert view["status"] == "completed"
+    return job
+
+
+def assert_one_prediction(stack: Stack, job_id: int, state: str) -> str:
+    """One prediction ever created at the provider for the job, and the ledger holds it."""
+    stats = stack.renderer.stats()
+    job = stack.store.get(job_id)
+    assert stats["creates"] == 1, stats
+    assert stats["predictions"] == {job["prediction_id"]: "succeeded"}, stats
+    assert stats["cancels"] == 0, stats
+    rows = stack.store.predictions_of_job(job_id)
+    ledger = [(row["prediction_id"], row["state"]) for row in rows]
+    assert ledger == [(job["prediction_id"], state)]
+    return job["prediction_id"]
+
+
+def assert_clean_video(stack: Stack, job_id: int, seconds: float) -> None:
+    """final.mp4 is a whole, decodable H.264 file, and no partial download is left."""
+    assert partial_files(stack, job_id) == []
+    folder = stack.settings.video_dir(job_id)
+    assert sorted(path.name for path in folder.iterdir()) == ["final.mp4"]
+    with av.open(str(folder / "final.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        frames = sum(1 for _ in container.decode(stream))
+        duration = container.duration / 1_000_000
+    assert frames > 0
+    assert abs(duration - seconds) <= 0.1
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def crash_stack(
+    request: pytest.FixtureRequest,
+    temporal_env: WorkflowEnvironment,
+    renderer: RunningServer,
+    tmp_path: Path,
+    jobs_db: str,
+) -> AsyncIterator[Stack]:
+    """The API over HTTP with no worker in this process: the workers are subprocesses.
+
+    Parametrized indirectly with "webhook", the render server reports to the API, which
+    relays to the run; otherwise the run polls."""
+    webhooks = getattr(request, "param", "polling") == "webhook"
+    # The session job store keeps job ids (and so workflow ids) unique on the session server.
+    async with running_stack(
+        temporal_env, renderer, tmp_path, webhooks=webhooks, worker=False, database_url=jobs_db
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture
+def workers(crash_stack: Stack, tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(crash_stack.settings, tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+# -- the tests --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crash_stack", ["polling", "webhook"], indirect=True)
+async def test_worker_killed_while_waiting_for_the_prediction_restarts_to_one_prediction(
+    crash_stack: Stack, workers: Workers
+) -> None:
+    stack = crash_stack
+    webhook = stack.settings.public_base_url is not None
+    rng = crash_rng("waiting-webhook" if webhook else "waiting")
+    render_seconds = 5.0
+    stack.renderer.add_fault("slow_render", times=1, delay=render_seconds)
+    first = await workers.start()
+    job_id = await approve(stack, stack.sample_scenes(count=2, seconds=1.0))
+
+    # The wait starts once the prediction exists and renders; kill somewhere inside it.
+    prediction_id = await wait_until(
+        lambda: stack.store.get(job_id)["prediction_id"], 60, "the prediction to be created"
+    )
+    await wait_until(
+        lambda: prediction_status(stack, prediction_id) == "processing", 30, "the render to start"
+    )
+    kill_after = rng.uniform(0.0, render_seconds - 1.5)
+    print(f"killing the worker {kill_after:.2f} s into the render")
+    await asyncio.sleep(kill_after)
+    # Still waiting: the kill lands before the provider is done.
+    assert prediction_status(stack, prediction_id) == "processing"
+    first.kill()
+
+    await workers.start()
+    result = await wait_result(stack, job_id, within=90)
+
+    job = await assert_db_agrees_with_temporal(stack, job_id, result)
+    assert assert_one_prediction(stack, job_id, "created") == prediction_id == result.prediction_id
+    assert_clean_video(stack, job_id, seconds=2.0)
+    assert job["download_retries"] == 0
+    if webhook:
+        # The render finished with no worker alive or none caught up yet: the API took the
+        # webhook and the new worker's run went on from it.
+        assert stack.renderer.stats()["webhook_deliveries"]
+
+
+async def test_worker_killed_while_downloading_restarts_without_partial_files(
+    crash_stack: Stack, workers: Workers
+) -> None:
+    stack = crash_stack
+    rng = crash_rng("downloading")
+    download_seconds = 8.0
+    stack.renderer.add_fault("slow_download", times=1, delay=download_seconds)
+    first = await workers.start()
+    job_id = await approve(stack, stack.sample_scenes(count=3, seconds=1.0))
+
+    # The partial file appears with the response headers; httpx hands over 1 MiB chunks, so
+    # a small video's bytes may all still be in flight. The provider tells that it is.
+    def downloading() -> Path | None:
+        parts = partial_files(stack, job_id)
+        stats = stack.renderer.stats()
+        in_flight = stats["file_gets"] == 1 and stats["download_completes"] == 0
+        return parts[0] if parts and in_flight else None
+
+    part = await wait_until(downloading, 60, "the download to be under way")
+    kill_after = rng.uniform(0.2, download_seconds / 2)
+    print(f"killing the worker {kill_after:.2f} s into the download")
+    await asyncio.sleep(kill_after)
+    assert stack.renderer.stats()["download_completes"] == 0
+    first.kill()
+    # Killed mid-download: the dead worker left its partial file and no final video.
+    assert part.exists()
+    assert not stack.settings.video_path(job_id).exists()
+
+    # download_video's retry policy waits 30 s after the heartbeat timeout before retrying.
+    await workers.start()
+    result = await wait_result(stack, job_id, within=120)
+
+    job = await assert_db_agrees_with_temporal(stack, job_id, result)
+    assert_one_prediction(stack, job_id, "created")
+    assert_clean_video(stack, job_id, seconds=3.0)
+    # The second attempt did the download, and the job row says so.
+    assert job["download_retries"] == 1
+    stats = stack.renderer.stats()
+    assert stats["download_aborts"] == 1, stats
+    assert stats["download_completes"] == 1, stats
+    served = (await stack.api.get(f"/api/videos/{job_id}/data")).content
+    assert served == stack.settings.video_path(job_id).read_bytes()
+
+
+async def test_worker_killed_during_create_call_adopts_the_prediction_instead_of_a_second(
+    crash_stack: Stack, workers: Workers
+) -> None:
+    stack = crash_stack
+    rng = crash_rng("create")
+    # The provider creates the prediction at once but holds the response far past the kill.
+    stack.renderer.add_fault("slow_create", times=1, delay=60)
+    first = await workers.start()
+    job_id = await approve(stack, stack.sample_scenes(count=2, seconds=1.0))
+
+    await wait_until(lambda: stack.renderer.stats()["creates"] == 1, 60, "the create call")
+    await wait_until(lambda: stack.store.predictions_of_job(job_id), 10, "the ledger's intent")
+    kill_after = rng.uniform(0.0, 2.0)
+    print(f"killing the worker {kill_after:.2f} s into the create call")
+    await asyncio.sleep(kill_after)
+    # The create went through at the provider, but its answer never reached the worker.
+    [intent] = stack.store.predictions_of_job(job_id)
+    assert (intent["state"], intent["prediction_id"]) == ("intent", None)
+    assert stack.store.get(job_id)["prediction_id"] is None
+    first.kill()
+    [created] = stack.renderer.stats()["predictions"]
+
+    await workers.start()
+    result = await wait_result(stack, job_id, within=90)
+
+    await assert_db_agrees_with_temporal(stack, job_id, result)
+    # The retried start_prediction adopted the unrecorded prediction: no second create.
+    assert assert_one_prediction(stack, job_id, "adopted") == created == result.prediction_id
+    assert_clean_video(stack, job_id, seconds=2.0)
+
+
+async def test_temporal_server_restarted_mid_render_job_completes_and_clients_reconnect(
+    renderer: RunningServer, tmp_path: Path
+) -> None:
+    rng = crash_rng("temporal")
+    server = TemporalDevServer(tmp_path)
+    await server.start_and_wait()
+    pool: Workers | None = None
+    try:
+        client = await Client.connect(server.address)
+        # A fresh server and a fresh job store: job ids cannot collide with other tests'.
+        async with running_stack(
+            WorkflowEnvironment.from_client(client), renderer, tmp_path, worker=False
+        ) as stack:
+            pool = Workers(stack.settings, tmp_path)
+            await pool.start()
+            render_seconds = 8.0
+            stack.renderer.add_fault("slow_render", times=1, delay=render_seconds)
+            job_id = await approve(stack, stack.sample_scenes(count=2, seconds=1.0))
+            prediction_id = await wait_until(
+                lambda: stack.store.get(job_id)["prediction_id"], 60, "the prediction"
+            )
+            await wait_until(
+                lambda: prediction_status(stack, prediction_id) == "processing",
+                30,
+                "the render to start",
+            )
+            await asyncio.sleep(rng.uniform(0.0, 2.0))
+
+            server.kill()
+            down_for = rng.uniform(1.0, 3.0)
+            print(f"Temporal down for {down_for:.2f} s")
+            await asyncio.sleep(down_for)
+            await server.start_and_wait()
+
+            # The worker's and the test's clients reconnect on their own.
+            result = await wait_result(stack, job_id, within=90)
+            await assert_db_agrees_with_temporal(stack, job_id, result)
+            assert assert_one_prediction(stack, job_id, "created") == prediction_id
+            assert_clean_video(stack, job_id, seconds=2.0)
+
+            # So does the API's: a job approved after the restart starts and completes.
+            second = await approve(stack, stack.sample_scenes(count=1, seconds=1.0))
+            second_result = await wait_result(stack, second, within=60)
+            await assert_db_agrees_with_temporal(stack, second, second_result)
+            assert stack.renderer.stats()["creates"] == 2
+            assert [row["state"] for row in stack.store.predictions_of_job(second)] == ["created"]
+            assert_clean_video(stack, second, seconds=1.0)
+    finally:
+        if pool is not None:
+            pool.stop_all()
+        server.stop()
+        print(f"--- temporal log ---\n{server.output()[-6000:]}")
+
+
+async def test_job_status_answers_within_the_query_timeout_while_temporal_is_down(
+    renderer: RunningServer, tmp_path: Path
+) -> None:
+    """GET /api/v2/jobs/{id} of a rendering job asks the run for live progress with a 2 s
+    rpc_timeout and falls back to the job row: a Temporal outage must not stall the read."""
+    server = TemporalDevServer(tmp_path)
+    await server.start_and_wait()
+    try:
+        client = await Client.connect(server.address)
+        # No worker: the run stays queued, and the job row says rendering.
+        async with running_stack(
+            WorkflowEnvironment.from_client(client), renderer, tmp_path, worker=False
+        ) as stack:
+            job_id = await approve(stack, stack.sample_scenes(count=1, seconds=1.0))
+            server.kill()
+            asked = time.monotonic()
+            view = await stack.api.get(f"/api/v2/jobs/{job_id}")
+            took = time.monotonic() - asked
+            assert view.status_code == 200
+            assert view.json()["status"] == "rendering"
+            assert view.json()["live"] is None
+            # 2 s of rpc_timeout plus slack; the client's own retries must not add to it.
+            assert took < 4.0, f"GET /api/v2/jobs/{job_id} took {took:.1f} s with Temporal down"
+    finally:
+        server.stop()
