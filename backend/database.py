@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Boolean, Column, Numeric, Text, event, false, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from backend.settings import get_settings
@@ -132,9 +132,21 @@ def make_engine(url: str) -> Engine:
 
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(engine)
-    _add_missing_columns(engine)
+    _create_schema(engine)
     return engine
+
+
+def _create_schema(engine: Engine) -> None:
+    # The API and the worker start together on a fresh database: both check for a table,
+    # both try to create it, and one loses. The loser's second look finds it in place.
+    for attempt in range(3):
+        try:
+            SQLModel.metadata.create_all(engine)
+            _add_missing_columns(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == 2:
+                raise
 
 
 def _add_missing_columns(engine: Engine) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
-from backend.database import JobConflict, JobNotFound, JobStore
+from backend.database import JobConflict, JobNotFound, JobStore, make_engine
 from backend.storyboard import StoryboardError
 
 SCENES = [{"image_url": "https://img.example/1.png", "prompt": "a cat"}, {"image_url": None}]
@@ -103,3 +106,17 @@ def test_failure_keeps_the_message(store: JobStore) -> None:
     # A failed job may be retried with a fixed storyboard.
     store.set_storyboard(job_id, SCENES[:1])
     assert store.get(job_id)["status"] == "ready"
+
+
+def test_processes_creating_a_fresh_store_at_once_all_succeed(tmp_path: Path) -> None:
+    # `render-video dev` starts the API and the worker together on a new SQLite file.
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = "import sys; from backend.database import make_engine; make_engine(sys.argv[1])"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    assert JobStore(make_engine(url)).create() == 1
