@@ -24,7 +24,7 @@ from backend.cli import temporal_binary
 from local_replicate.config import DEFAULT_WEBHOOK_SECRET
 from local_replicate.testing import RunningServer
 from local_replicate.webhooks import sign
-from workflows.payloads import ApproveRenderInput, RenderProgress
+from workflows.payloads import ApproveRenderInput, ApproveSignal, RenderProgress
 from workflows.render_video import RenderVideo
 
 
@@ -283,6 +283,17 @@ async def test_api_approve_signals_the_waiting_run_and_never_starts_two(
     ]
     assert len(runs) == 1
     assert stack.renderer.stats()["creates"] == 1
+
+
+async def test_an_approval_sent_before_validation_ends_is_recorded(stack: Stack) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+    # At once, from the SDK: the run may not have validated the storyboard yet.
+    await handle_of(stack, job_id).signal(RenderVideo.approve, ApproveSignal(approved_by="early"))
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "completed", job["error_message"]
+    assert job["approved"] is True and job["approved_by"] == "early"
+    assert "record_approval" in await scheduled(stack, job_id)
 
 
 async def test_approve_render_update_returns_validation_errors(stack: Stack) -> None:

@@ -205,7 +205,7 @@ class RenderVideo:
         self._progress.estimated_cost = summary.estimated_cost
         self._progress.max_cost = summary.max_cost
 
-        if not self._approved:
+        if input.review:
             await self._await_approval(input)
 
         # The budget is checked before anything is billed.
@@ -237,6 +237,8 @@ class RenderVideo:
             start_to_close_timeout=timedelta(minutes=2),
             heartbeat_timeout=HEARTBEAT,
             retry_policy=PROVIDER_CREATE,
+            # A cancel lets the create finish or fail first, so the sweep sees its result.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"Create (or adopt) the Replicate prediction of job {job_id}",
         )
         self._prediction_id = prediction.prediction_id
@@ -303,9 +305,14 @@ class RenderVideo:
         )
 
     async def _await_approval(self, input: RenderVideoInput) -> None:
+        # An approval that came before validation finished passes straight through, and is
+        # still recorded in the job store below.
         window = _duration(input.review_timeout_seconds)
-        self._stage("awaiting_approval", f"Validated; waiting for approval (expires in {window})")
-        self._progress.awaiting_approval = True
+        if not self._approved:
+            self._stage(
+                "awaiting_approval", f"Validated; waiting for approval (expires in {window})"
+            )
+            self._progress.awaiting_approval = True
         try:
             await workflow.wait_condition(
                 lambda: self._approved,
