@@ -221,7 +221,8 @@ class RenderActivities:
                 model_input,
                 webhook=f"{webhook}?job_id={input.job_id}" if webhook else None,
                 webhook_events_filter=["completed"] if webhook else None,
-            )
+            ),
+            refused="Replicate refused the prediction",
         )
         await self._db(self.store.record_prediction, entry_id, state.id, "created")
         await self._progress(input.job_id, "rendering", "Rendering video from images...")
@@ -288,12 +289,14 @@ class RenderActivities:
             "Cancelled orphaned prediction %s of job %s (%s)", prediction_id, job_id, state.status
         )
 
-    async def _provider_call(self, call: Awaitable[T]) -> T:
+    async def _provider_call(
+        self, call: Awaitable[T], refused: str = "Replicate refused the request"
+    ) -> T:
         """A provider call with heartbeats, and Replicate's errors in our words."""
         try:
             return await _heartbeating(call)
         except ReplicateError as exc:
-            message = f"Replicate refused the request (HTTP {exc.status}): {exc.detail or exc}"
+            message = f"{refused} (HTTP {exc.status}): {exc.detail or exc}"
             if is_retryable(exc):
                 raise ApplicationError(message, type="ProviderUnavailable") from exc
             raise _fatal(message, "BadRequest") from exc
@@ -310,7 +313,10 @@ class RenderActivities:
 
     @activity.defn
     async def poll_prediction(self, input: PollPredictionInput) -> PredictionOutcome:
-        state = await self._provider_call(self.provider.get(input.prediction_id))
+        state = await self._provider_call(
+            self.provider.get(input.prediction_id),
+            refused=f"Could not read prediction {input.prediction_id}",
+        )
         if not state.terminal:
             await self._progress(
                 input.job_id,
