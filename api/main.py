@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -16,6 +17,8 @@ from typing import Annotated, Any
 
 import replicate
 from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -52,15 +55,25 @@ log = logging.getLogger("api")
 JobId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The job's id")]
 
 
-class CreateJob(BaseModel):
-    storyboard: Any = None
-    max_cost: Decimal | None = Field(
+MaxCost = Annotated[
+    Decimal | None,
+    Field(
         default=None,
         gt=0,
         le=1_000_000,
         decimal_places=2,
         description="Budget in dollars: a render estimated to cost more is refused",
-    )
+    ),
+]
+
+
+class CreateJob(BaseModel):
+    storyboard: Any = None
+    max_cost: MaxCost = None
+
+
+class Budget(BaseModel):
+    max_cost: MaxCost = None
 
 
 class ApproveBody(BaseModel):
@@ -129,6 +142,17 @@ async def live_progress(client: Client, job: dict[str, Any]) -> RenderProgress |
         return None
 
 
+def _json_safe(value: Any) -> Any:
+    value = jsonable_encoder(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    return value
+
+
 def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
 
@@ -160,6 +184,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _conflict(_: Request, exc: JobConflict) -> JSONResponse:
         return _error(409, str(exc))
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI echoes the offending input; a number like 1e400 arrives as inf, which
+        # JSON cannot carry, and the echo itself would fail with a 500.
+        return JSONResponse(status_code=422, content={"detail": _json_safe(exc.errors())})
+
     @app.exception_handler(StoryboardError)
     async def _bad_storyboard(_: Request, exc: StoryboardError) -> JSONResponse:
         return _error(422, str(exc))
@@ -187,6 +217,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_id: JobId, store: StoreDep, storyboard: Any = Body(...)
     ) -> dict[str, Any]:
         job = await asyncio.to_thread(store.set_storyboard, job_id, storyboard)
+        return job_view(job)
+
+    @app.put("/api/v2/jobs/{job_id}/budget")
+    async def put_budget(job_id: JobId, store: StoreDep, body: Budget) -> dict[str, Any]:
+        """Sets or clears (`null`) the job's `max_cost` while no run is going."""
+        job = await asyncio.to_thread(store.set_budget, job_id, body.max_cost)
         return job_view(job)
 
     @app.post("/api/v2/jobs/{job_id}/approve", response_model=RenderStarted)

@@ -49,6 +49,9 @@ class Stack:
     settings: Settings
     quiet: bool = False
     children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    # How each child was started, so `revive` can start it the same way again.
+    commands: dict[str, tuple[list[str], tuple[str, int] | None]] = field(default_factory=dict)
+    restarts: dict[str, list[float]] = field(default_factory=dict)
 
     def spawn(
         self, name: str, args: list[str], ready: tuple[str, int], timeout: float = 60
@@ -59,6 +62,7 @@ class Stack:
                 "or change the port in the settings"
             )
         proc = self.launch(name, args)
+        self.commands[name] = (args, ready)
         deadline = time.monotonic() + timeout
         while not _port_open(*ready):
             if proc.poll() is not None:
@@ -153,6 +157,7 @@ class Stack:
             if log:
                 log.close()
         self.children.append((name, proc))
+        self.commands.setdefault(name, (args, None))
         return proc
 
     def child_env(self) -> dict[str, str]:
@@ -176,6 +181,28 @@ class Stack:
             if not self.quiet:
                 print(f"  {name} stopped", flush=True)
         self.children.clear()
+
+    def exited_child(self) -> tuple[str, int] | None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                return name, proc.returncode
+        return None
+
+    def revive(self, name: str, limit: int = 5, window: float = 60.0) -> bool:
+        """Starts a child that died again, like a supervisor would; False when it keeps
+        dying (more than `limit` times within `window` seconds)."""
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < window]
+        if len(recent) >= limit:
+            return False
+        self.restarts[name] = [*recent, now]
+        self.children = [(n, proc) for n, proc in self.children if n != name]
+        args, ready = self.commands[name]
+        if ready is None:
+            self.launch(name, args)
+        else:
+            self.spawn(name, args, ready)
+        return True
 
     def failed_child(self) -> str | None:
         for name, proc in self.children:
@@ -210,16 +237,33 @@ def cmd_dev(settings: Settings) -> int:
             if settings.uses_local_renderer:
                 print(f"Renderer:    local render server on port {settings.local_render_port}")
             try:
-                while not (problem := stack.failed_child()):
-                    time.sleep(0.5)
+                return _supervise(stack)
             except KeyboardInterrupt:
                 print("\nStopping...", flush=True)
                 return 0
-            print(f"Stopping: {problem}", file=sys.stderr, flush=True)
-            return 1
     except KeyboardInterrupt:
         # Interrupted while still starting: running_stack has stopped what had started.
         return 0
+
+
+def _supervise(stack: Stack) -> int:
+    """Keeps the stack up: a child that dies (a worker killed with -9, say) is started
+    again, and Temporal resumes its runs; a child that keeps dying stops the stack."""
+    while True:
+        time.sleep(0.5)
+        exited = stack.exited_child()
+        if exited is None:
+            continue
+        name, code = exited
+        print(f"{name} exited with code {code}; starting it again", file=sys.stderr, flush=True)
+        try:
+            revived = stack.revive(name)
+        except SystemExit as exc:
+            print(f"Stopping: {exc}", file=sys.stderr, flush=True)
+            return 1
+        if not revived:
+            print(f"Stopping: {name} keeps exiting", file=sys.stderr, flush=True)
+            return 1
 
 
 SAMPLE_SCENES = [
@@ -249,6 +293,7 @@ STAGE_FRACTION = {
     "queued": 0.02,
     "validating": 0.05,
     "extracting": 0.1,
+    "starting": 0.15,
     "rendering": 0.3,
     "rendered": 0.7,
     "downloading": 0.8,
@@ -271,7 +316,7 @@ def run_demo(settings: Settings, stack: Stack | None = None, timeout: float = 30
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
         status = _http("GET", f"{base}/api/v2/jobs/{job_id}")
-        if status["status"] in ("completed", "failed", "cancelled"):
+        if status["status"] in ("completed", "failed", "cancelled", "expired"):
             break
         problem = stack.failed_child() if stack else None
         if problem:

@@ -254,6 +254,13 @@ class JobStore:
             job.error_message = None
             return job_to_dict(job)
 
+    def set_budget(self, job_id: int, max_cost: Decimal | None) -> dict[str, Any]:
+        with self._job(job_id) as job:
+            if job.status in ACTIVE or job.status == JobStatus.COMPLETED:
+                raise JobConflict(f"Job {job_id} is {job.status}; its budget can no longer change")
+            job.max_cost = max_cost
+            return job_to_dict(job)
+
     def approve(self, job_id: int) -> dict[str, Any]:
         with self._job(job_id) as job:
             if not job.storyboard_data:
@@ -309,11 +316,18 @@ class JobStore:
             job.estimated_cost = estimate
 
     def revert_rendering(
-        self, job_id: int, status: str, message: str, workflow_id: str | None
+        self,
+        job_id: int,
+        status: str,
+        message: str,
+        workflow_id: str | None,
+        approved: bool | None = None,
     ) -> None:
         """Undo `mark_rendering` when the workflow could not be started."""
         with self._job(job_id) as job:
             if job.status in ACTIVE:
+                if approved is not None:
+                    job.approved = approved
                 job.status = status
                 job.current_stage = "storyboard" if status == JobStatus.READY else status
                 job.progress_message = message

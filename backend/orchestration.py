@@ -104,7 +104,7 @@ async def start_render(
         return workflow_id
     if review and job["status"] == JobStatus.RENDERING:
         raise JobConflict(f"Job {job_id} is already rendering; it is past review")
-    previous = job["status"], job["workflow_id"]
+    previous = job["status"], job["workflow_id"], job["approved"]
     # Marked before the start so a run that ends at once cannot be overwritten afterwards.
     await asyncio.to_thread(store.mark_rendering, job_id, workflow_id, review=review)
     options: dict[str, Any] = {
@@ -208,11 +208,13 @@ async def cancel_render(
 
 
 async def _revert(
-    store: JobStore, job_id: int, previous: tuple[str, str | None], message: str
+    store: JobStore, job_id: int, previous: tuple[str, str | None, bool], message: str
 ) -> None:
-    status, workflow_id = previous
+    status, workflow_id, approved = previous
     if status not in ACTIVE:
-        await asyncio.to_thread(store.revert_rendering, job_id, status, message, workflow_id)
+        await asyncio.to_thread(
+            store.revert_rendering, job_id, status, message, workflow_id, approved
+        )
 
 
 async def wait_for_render(client: Client, job_id: int) -> RenderVideoResult | None:

@@ -44,7 +44,11 @@ class PredictionState:
         return output if isinstance(output, str) else None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PredictionState:
+    def from_json(cls, data: Any) -> PredictionState:
+        if not isinstance(data, dict):
+            raise ValueError("a prediction is a JSON object")
+        if not isinstance(data.get("id"), str) or not isinstance(data.get("status"), str):
+            raise ValueError("a prediction has a string `id` and `status`")
         return cls(
             id=data["id"],
             status=data["status"],

@@ -46,8 +46,8 @@ class Scene(BaseModel):
         parts = urlsplit(value)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError("image_url must be an http or https URL with a host")
-        if any(ch.isspace() for ch in value):
-            raise ValueError("image_url must not contain spaces")
+        if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise ValueError("image_url must not contain spaces or control characters")
         return value
 
     @field_validator("duration_seconds", mode="before")

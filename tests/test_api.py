@@ -144,9 +144,13 @@ async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
                 "/api/v2/jobs", json={"storyboard": [{"image_url": "http://a/b.png"}]}
             )
             job_id = created.json()["job_id"]
+            approve = await api.post(f"/api/v2/jobs/{job_id}/approve")
+            assert approve.status_code == 503, approve.text
             review = await api.post(f"/api/v2/jobs/{job_id}/review")
             assert review.status_code == 503, review.text
+            # Both starts were undone: the approval given first is kept.
             assert store.get(job_id)["status"] == "ready"
+            assert store.get(job_id)["approved"] is True
 
             store.mark_rendering(job_id, f"render-video-{job_id}")
             cancel = await api.post(f"/api/v2/jobs/{job_id}/cancel")

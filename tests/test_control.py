@@ -641,3 +641,82 @@ async def test_webhook_secret_unavailable_is_503_not_500(
         )
         assert response.status_code == 503
         assert "webhook signing secret" in response.json()["detail"]
+
+
+async def test_review_of_an_over_budget_job_fails_at_validation(stack: Stack) -> None:
+    response = await stack.api.post(
+        "/api/v2/jobs", json={"storyboard": stack.sample_scenes(count=3), "max_cost": 0.10}
+    )
+    job_id = response.json()["job_id"]
+    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+    result = await handle_of(stack, job_id).execute_update(
+        RenderVideo.approve_render, ApproveRenderInput()
+    )
+    expected = (
+        "Estimated cost $0.31 exceeds the job's budget (max_cost) of $0.10; "
+        "no prediction was created"
+    )
+    assert result.accepted is False and result.errors == [expected]
+    assert result.stage == "failed"
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "failed" and job["error_message"] == expected
+    assert "record_approval" not in await scheduled(stack, job_id)
+
+    # A bigger budget, and the same job renders.
+    budget = await stack.api.put(f"/api/v2/jobs/{job_id}/budget", json={"max_cost": 1})
+    assert budget.status_code == 200, budget.text
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    assert (await stack.wait_closed(job_id))["status"] == "completed"
+    refused = await stack.api.put(f"/api/v2/jobs/{job_id}/budget", json={"max_cost": 2})
+    assert refused.status_code == 409
+    detail = f"Job {job_id} is completed; its budget can no longer change"
+    assert refused.json() == {"detail": detail}
+
+
+@pytest.mark.parametrize("raw", ['{"max_cost": 1e400}', '{"max_cost": -1e999}'])
+async def test_numbers_beyond_json_are_422_not_500(stack: Stack, raw: str) -> None:
+    response = await stack.api.post(
+        "/api/v2/jobs", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert "max_cost" in json.dumps(response.json()["detail"])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"id": "x", "status": ["succeeded"]}',
+        '{"id": {"x": 1}, "status": "succeeded"}',
+        "[1, 2]",
+        '"just a string"',
+    ],
+)
+async def test_signed_webhook_that_is_not_a_prediction_is_400(hooked: Stack, body: str) -> None:
+    response = await hooked.api.post(
+        "/api/v2/webhooks/replicate?job_id=1", content=body, headers=signed_headers(body)
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith("Webhook body is not a prediction")
+
+
+async def test_an_approve_signal_with_an_odd_approver_still_approves(
+    stack: Stack, temporal_env: WorkflowEnvironment
+) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+    await eventually(lambda: stage_is(stack, job_id, "awaiting_approval"), what="review")
+    result = await cli(
+        temporal_env,
+        "workflow",
+        "signal",
+        "-w",
+        f"render-video-{job_id}",
+        "--name",
+        "approve",
+        "--input",
+        '{"approved_by": 5}',
+    )
+    assert result.returncode == 0, result.stderr
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "completed"
+    assert job["approved_by"] == "5"

@@ -115,3 +115,63 @@ def test_dev_runs_the_stack_and_stops_every_child_on_sigterm(tmp_path: Path) -> 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     assert not any(port_open(port) for port in ports)
+
+
+def _children_of(data_dir: Path, module: str) -> list[int]:
+    """Pids of `python -m {module}` processes started for this test's DATA_DIR."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-m" in cmdline and module.encode() in cmdline:
+            if f"DATA_DIR={data_dir}".encode() in environ:
+                found.append(int(proc.name))
+    return found
+
+
+def test_dev_starts_a_killed_worker_again_and_its_renders_complete(tmp_path: Path) -> None:
+    env = stack_env(tmp_path)
+    base = f"http://127.0.0.1:{env['API_PORT']}"
+    proc = subprocess.Popen(
+        [str(BIN / "render-video"), "dev"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not _children_of(Path(env["DATA_DIR"]), "worker") or not port_open(
+            int(env["API_PORT"])
+        ):
+            assert proc.poll() is None, "render-video dev exited early"
+            assert time.monotonic() < deadline, "the stack did not come up"
+            time.sleep(0.2)
+        [worker] = _children_of(Path(env["DATA_DIR"]), "worker")
+        os.kill(worker, signal.SIGKILL)
+
+        scenes = [{"image_url": f"{base}/samples/scene-1.jpg", "duration_seconds": 1}]
+        job = httpx.post(f"{base}/api/v2/jobs", json={"storyboard": scenes}).json()
+        httpx.post(f"{base}/api/v2/jobs/{job['job_id']}/approve").raise_for_status()
+        deadline = time.monotonic() + 90
+        status = {}
+        while time.monotonic() < deadline:
+            status = httpx.get(f"{base}/api/v2/jobs/{job['job_id']}").json()
+            if status["status"] not in ("ready", "rendering"):
+                break
+            time.sleep(0.2)
+        assert status["status"] == "completed", status
+        assert proc.poll() is None, "the stack stopped instead of starting the worker again"
+        [new_worker] = _children_of(Path(env["DATA_DIR"]), "worker")
+        assert new_worker != worker
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert proc.stderr is not None
+    assert "worker exited with code -9; starting it again" in proc.stderr.read()

@@ -75,6 +75,8 @@ def test_bad_storyboards_are_refused(store: JobStore) -> None:
         store.set_storyboard(job_id, {"frames": []})
     with pytest.raises(StoryboardError, match="not valid JSON"):
         store.set_storyboard(job_id, "{nope")
+    with pytest.raises(StoryboardError, match="control characters"):
+        store.set_storyboard(job_id, [{"image_url": "https://x.example/a\x00.png"}])
     assert store.get(job_id)["status"] == "draft"
 
 

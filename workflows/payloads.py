@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -21,7 +22,9 @@ class RenderVideoInput:
 @dataclass
 class ApproveSignal:
     # Who approved, for the job's progress message; the CLI may send no input at all.
-    approved_by: str | None = None
+    # Any JSON value is taken (and shown as text): a signal whose input cannot be decoded
+    # is dropped by the SDK, and a mistyped name must not swallow a human's approval.
+    approved_by: Any = None
 
 
 @dataclass

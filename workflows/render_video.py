@@ -128,7 +128,8 @@ class RenderVideo:
         """Approves a run waiting in review; harmless at any other time."""
         if not self._approved:
             self._approved = True
-            self._approved_by = input.approved_by if input else None
+            by = input.approved_by if input else None
+            self._approved_by = None if by is None else str(by)[:200]
 
     @workflow.update(name="approve_render")
     async def approve_render(self, input: ApproveRenderInput) -> ApprovalResult:
@@ -138,11 +139,9 @@ class RenderVideo:
             lambda: self._validation is not None or self._validation_error is not None
         )
         if self._validation_error is not None:
+            # The run is closing as failed with this very message.
             return ApprovalResult(
-                job_id=self._job_id,
-                accepted=False,
-                stage=self._progress.stage,
-                errors=[self._validation_error],
+                job_id=self._job_id, accepted=False, stage="failed", errors=[self._validation_error]
             )
         if not self._approved:
             self._approved = True
@@ -200,21 +199,22 @@ class RenderVideo:
         except ActivityError as err:
             self._validation_error = _explain(err)
             raise
-        self._validation = summary
         self._progress.scenes_total = summary.scenes_total
         self._progress.estimated_cost = summary.estimated_cost
         self._progress.max_cost = summary.max_cost
-
-        if input.review:
-            await self._await_approval(input)
-
-        # The budget is checked before anything is billed.
+        # The budget is part of validation: checked before anything is billed, and before
+        # a reviewer is asked to approve a render that could never start.
         if summary.max_cost is not None and summary.estimated_cost is not None:
             if Decimal(summary.estimated_cost) > Decimal(summary.max_cost):
-                raise RenderFailed(
+                self._validation_error = (
                     f"Estimated cost ${summary.estimated_cost} exceeds the job's budget "
                     f"(max_cost) of ${summary.max_cost}; no prediction was created"
                 )
+                raise RenderFailed(self._validation_error)
+        self._validation = summary
+
+        if input.review:
+            await self._await_approval(input)
 
         images = await workflow.execute_activity_method(
             acts.extract_images,
