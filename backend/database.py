@@ -329,7 +329,10 @@ class JobStore:
                 if approved is not None:
                     job.approved = approved
                 job.status = status
-                job.current_stage = "storyboard" if status == JobStatus.READY else status
+                job.current_stage = {
+                    JobStatus.READY: "storyboard",
+                    JobStatus.IN_REVIEW: "awaiting_approval",
+                }.get(JobStatus(status), status)
                 job.progress_message = message
                 job.workflow_id = workflow_id
 

@@ -211,7 +211,10 @@ async def _revert(
     store: JobStore, job_id: int, previous: tuple[str, str | None, bool], message: str
 ) -> None:
     status, workflow_id, approved = previous
-    if status not in ACTIVE:
+    # A job that was rendering keeps its run; one in review goes back to waiting there.
+    if status != JobStatus.RENDERING:
+        if status == JobStatus.IN_REVIEW:
+            approved = False  # the run in review never heard of this approval
         await asyncio.to_thread(
             store.revert_rendering, job_id, status, message, workflow_id, approved
         )

@@ -152,6 +152,14 @@ async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
             assert store.get(job_id)["status"] == "ready"
             assert store.get(job_id)["approved"] is True
 
+            # A job waiting in review stays there when its approval cannot reach the run.
+            store.mark_rendering(job_id, f"render-video-{job_id}", review=True)
+            approve = await api.post(f"/api/v2/jobs/{job_id}/approve")
+            assert approve.status_code == 503, approve.text
+            assert store.get(job_id)["status"] == "in_review"
+            assert store.get(job_id)["progress"]["current_stage"] == "awaiting_approval"
+            assert store.get(job_id)["approved"] is False
+
             store.mark_rendering(job_id, f"render-video-{job_id}")
             cancel = await api.post(f"/api/v2/jobs/{job_id}/cancel")
             assert cancel.status_code == 503, cancel.text
