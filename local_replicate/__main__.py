@@ -6,19 +6,26 @@ import argparse
 import asyncio
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import uvicorn
 
 from .config import DEFAULT_WEBHOOK_SECRET, ServerConfig
 from .server import create_app
+from .store import DataDirError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m local_replicate", description=__doc__)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5055, help="0 picks a free port")
-    ap.add_argument("--data-dir", type=Path, required=True, help="where output MP4s are kept")
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        required=True,
+        help="where predictions (predictions/*.json) and output MP4s are kept across restarts",
+    )
     ap.add_argument("--public-url", help="base URL for absolute URLs (default: from the request)")
     ap.add_argument("--token", help="accept only this bearer token (default: any non-empty)")
     ap.add_argument("--webhook-secret", default=DEFAULT_WEBHOOK_SECRET)
@@ -46,13 +53,14 @@ async def serve(args: argparse.Namespace) -> None:
         retention_seconds=args.retention_seconds,
         webhook_retry_delays=delays,
     )
+    app = create_app(config)  # before binding: an unusable data dir fails here
     # proto IPPROTO_TCP, inherited by accepted sockets, is what makes asyncio set TCP_NODELAY;
     # with proto 0 every response pays a ~40 ms Nagle/delayed-ACK stall
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level=args.log_level))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
 
     async def announce() -> None:
         while not server.started:
@@ -74,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     # installed before it started; a no-op one makes SIGTERM/SIGINT end with exit status 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except DataDirError as exc:
+        print(f"python -m local_replicate: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

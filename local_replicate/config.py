@@ -12,6 +12,7 @@ DEFAULT_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"local-replicate-webhook-s
 
 @dataclass
 class ServerConfig:
+    # output MP4s and predictions/{id}.json (kept across restarts); must be a writable directory
     data_dir: Path
     public_url: str | None = None
     token: str | None = None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import itertools
 import json
+import logging
 import secrets
 import threading
 import time
@@ -23,7 +23,10 @@ from PIL import Image
 from .config import ServerConfig
 from .faults import CREATE_KINDS, DOWNLOAD_KINDS, PREDICTION_KINDS, Fault, FaultQueue
 from .render import InputError, RenderCanceled, parse_input, render
+from .store import PredictionStore
 from .webhooks import WebhookSender
+
+log = logging.getLogger("local_replicate")
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 PAGE_SIZE = 100  # Replicate's page size for listing predictions
@@ -43,6 +46,13 @@ def rfc3339(ts: datetime) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+RECORD_FORMAT = 1
 
 
 @dataclass(eq=False)
@@ -76,6 +86,62 @@ class Prediction:
 
     def fault(self, kind: str) -> Fault | None:
         return next((f for f in self.faults if f.kind == kind), None)
+
+    def to_record(self) -> dict[str, Any]:
+        """What is persisted (faults are not: they are test devices, gone after a restart)."""
+        return {
+            "format": RECORD_FORMAT,
+            "id": self.id,
+            "seq": self.seq,
+            "model": self.model,
+            "version": self.version,
+            "input": self.input,
+            "base_url": self.base_url,
+            "webhook": self.webhook,
+            "events": sorted(self.events),
+            "status": self.status,
+            "output": self.output,
+            "error": self.error,
+            "logs": list(self.logs),
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+            "predict_time": self.predict_time,
+            "data_removed": self.data_removed,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Prediction:
+        if record.get("format") != RECORD_FORMAT:
+            raise ValueError(f"unknown record format {record.get('format')!r}")
+        created_at = _time(record["created_at"])
+        if created_at is None:
+            raise ValueError("created_at: missing")
+        p = cls(
+            id=record["id"],
+            seq=int(record["seq"]),
+            model=record["model"],
+            version=record["version"],
+            input=dict(record["input"]),
+            base_url=record["base_url"],
+            webhook=record["webhook"],
+            events=frozenset(record["events"]),
+            faults=[],
+            status=record["status"],
+            output=record["output"],
+            error=record["error"],
+            logs=[str(line) for line in record["logs"]],
+            created_at=created_at,
+            started_at=_time(record["started_at"]),
+            completed_at=_time(record["completed_at"]),
+            predict_time=record["predict_time"],
+            data_removed=bool(record["data_removed"]),
+        )
+        if p.status not in TERMINAL | {"starting", "processing"}:
+            raise ValueError(f"unknown status {p.status!r}")
+        if p.terminal:
+            p.done.set()
+        return p
 
     def to_list_json(self) -> dict[str, Any]:
         # Replicate's list results are the prediction without its logs
@@ -122,6 +188,9 @@ def _not_mp4_bytes() -> bytes:
 class Engine:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        # fails here, when the app is created, if the data dir is unset or cannot be written
+        self.store = PredictionStore(config.data_dir)
+        self.store.open()
         self.data_dir = Path(config.data_dir)
         self.predictions: dict[str, Prediction] = {}
         self.faults = FaultQueue()
@@ -131,7 +200,7 @@ class Engine:
         self._http: httpx.AsyncClient | None = None
         self._sender: WebhookSender | None = None
         # not reset with the stats, so a cursor from before a reset cannot match new predictions
-        self._seq = itertools.count(1)
+        self._last_seq = 0
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -162,6 +231,37 @@ class Engine:
             self.config.webhook_retry_delays,
             self.deliveries,
         )
+        self._restore()
+
+    def _restore(self) -> None:
+        """Load the persisted predictions: finished ones as they were, unfinished ones run again."""
+        for stale in self.data_dir.glob("*.mp4.part"):  # a render cut short by a killed process
+            stale.unlink(missing_ok=True)
+        records, next_seq = self.store.load()
+        loaded: list[Prediction] = []
+        for record in records:
+            try:
+                loaded.append(Prediction.from_record(record))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("ignoring persisted prediction %s: %r", record.get("id"), exc)
+        self._last_seq = max([next_seq - 1, self._last_seq, *(p.seq for p in loaded)])
+        for p in sorted(loaded, key=lambda p: p.seq):
+            self.predictions[p.id] = p
+            if not p.terminal:
+                # rendered again from the beginning, with the same id, created_at and webhook
+                self._log(p, "render server restarted: rendering again from the beginning")
+                self._spawn(self._run(p))
+            elif p.output is not None and not p.data_removed:
+                if not self.output_path(p.id).is_file():
+                    self._remove_output(p)
+                    continue
+                age = (_now() - (p.completed_at or p.created_at)).total_seconds()
+                self._spawn(self._expire(p, self.config.retention_seconds - age))
+
+    def _save(self, p: Prediction) -> None:
+        # a prediction dropped by a reset is not written back by a render thread still finishing
+        if self.predictions.get(p.id) is p:
+            self.store.save(p.to_record())
 
     async def stop(self) -> None:
         await self._cancel_everything()
@@ -184,6 +284,7 @@ class Engine:
         if self._sender:
             await self._sender.aclose()
         self.predictions.clear()
+        self.store.clear(self._last_seq + 1)
         self.faults.clear()
         self.reset_stats()
         for path in self.data_dir.glob("*.mp4"):
@@ -249,8 +350,9 @@ class Engine:
         extra_faults: list[Fault],
     ) -> Prediction:
         queued = self.faults.take(PREDICTION_KINDS)
+        self._last_seq += 1
         p = Prediction(
-            seq=next(self._seq),
+            seq=self._last_seq,
             id=new_id(),
             model=model,
             version=version,
@@ -261,6 +363,7 @@ class Engine:
             faults=extra_faults + queued,
         )
         self.predictions[p.id] = p
+        self._save(p)
         self._spawn(self._run(p))
         self._emit(p, "start")
         return p
@@ -297,6 +400,7 @@ class Engine:
 
     def _log(self, p: Prediction, line: str) -> None:
         p.logs.append(line)
+        self._save(p)
         self._emit(p, "logs")
 
     def _finish(self, p: Prediction, status: str, error: str | None = None) -> None:
@@ -308,6 +412,7 @@ class Engine:
         if status != "succeeded":
             p.cancel.set()
         p.done.set()
+        self._save(p)
         self._emit(p, "completed")
 
     async def _pause(self, p: Prediction, seconds: float) -> bool:
@@ -320,16 +425,19 @@ class Engine:
         return not p.terminal
 
     async def _run(self, p: Prediction) -> None:
-        slow_start = p.fault("slow_start")
-        delay = self.config.start_delay + (slow_start.delay if slow_start else 0.0)
-        if not await self._pause(p, delay):
-            return
-        if abort := p.fault("abort"):
-            self._finish(p, "aborted", abort.detail)
-            return
-
-        p.status = "processing"
-        p.started_at = _now()
+        # a prediction resumed after a restart may already be `processing`: it stays so (statuses
+        # only move forward) and keeps its started_at, but renders from the beginning
+        if p.status == "starting":
+            slow_start = p.fault("slow_start")
+            delay = self.config.start_delay + (slow_start.delay if slow_start else 0.0)
+            if not await self._pause(p, delay):
+                return
+            if abort := p.fault("abort"):
+                self._finish(p, "aborted", abort.detail)
+                return
+            p.status = "processing"
+            p.started_at = _now()
+            self._save(p)
         t0 = time.monotonic()
         slow_render = p.fault("slow_render")
         min_processing = max(self.config.min_processing, slow_render.delay if slow_render else 0.0)
@@ -360,6 +468,7 @@ class Engine:
         except Exception as exc:  # an encoder failure must end the prediction, not the task
             error = f"render failed: {type(exc).__name__}: {exc}"
         p.predict_time = time.monotonic() - t0
+        self._save(p)
 
         if p.terminal:  # canceled while rendering
             path.unlink(missing_ok=True)
@@ -383,10 +492,15 @@ class Engine:
         self._log(p, f"render finished in {p.predict_time:.2f}s")
         self._emit(p, "output")
         self._finish(p, "succeeded")
-        self._spawn(self._expire(p))
+        self._spawn(self._expire(p, self.config.retention_seconds))
 
-    async def _expire(self, p: Prediction) -> None:
-        await asyncio.sleep(self.config.retention_seconds)
+    async def _expire(self, p: Prediction, after: float) -> None:
+        if after > 0:
+            await asyncio.sleep(after)
+        self._remove_output(p)
+
+    def _remove_output(self, p: Prediction) -> None:
         self.output_path(p.id).unlink(missing_ok=True)
         p.output = None
         p.data_removed = True
+        self._save(p)

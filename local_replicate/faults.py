@@ -2,7 +2,8 @@
 
 Faults are queued with `POST /_admin/faults` ({"kind", "times", "delay", "detail"}) or given to a
 single prediction as `input._fault` (prediction kinds only). Each queued fault applies to the next
-`times` operations it concerns (null: until cleared); the kinds:
+`times` operations it concerns (null: until cleared). Faults are not persisted: a prediction
+resumed after a restart of the server runs without them. The kinds:
 
 Create calls (one at most per call, oldest first):
   rate_limit        429 problem with Retry-After: 30; nothing is created.

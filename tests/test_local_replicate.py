@@ -29,7 +29,13 @@ from replicate.exceptions import ReplicateError
 from replicate.pagination import async_paginate, paginate
 from replicate.webhook import InvalidSignatureError, WebhookSigningSecret
 
-from local_replicate import DEFAULT_WEBHOOK_SECRET, RunningServer, ServerConfig, run_in_thread
+from local_replicate import (
+    DEFAULT_WEBHOOK_SECRET,
+    DataDirError,
+    RunningServer,
+    ServerConfig,
+    run_in_thread,
+)
 
 OPENAPI = Path("/work/shared/reference/replicate-openapi.json")
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
@@ -1044,6 +1050,166 @@ def test_webhook_signature_uses_the_configured_secret(tmp_path: Path, images: li
     expected = "v1," + base64.b64encode(mac.digest()).decode()
     assert expected in call.headers["webhook-signature"].split()
     assert json.loads(call.body)["status"] == "starting"
+
+
+# -- persistence across restarts --
+
+
+def _client(server: RunningServer) -> httpx.Client:
+    return httpx.Client(base_url=server.base_url, headers={"Authorization": "Bearer t"}, timeout=30)
+
+
+def _records(data_dir: Path) -> dict[str, dict[str, Any]]:
+    return {
+        path.stem: json.loads(path.read_text())
+        for path in (data_dir / "predictions").glob("*.json")
+        if not path.name.startswith("_")
+    }
+
+
+def test_finished_predictions_survive_a_restart(tmp_path: Path, images: list[str]) -> None:
+    config = ServerConfig(data_dir=tmp_path, start_delay=0.05)
+    inp = {"images": images[:2], "durations": [0.5, 0.5], **SMALL}
+    with RunningServer(config) as first, _client(first) as api:
+        done, _ = wait_done(api, create(api, inp)["id"])
+        failed, _ = wait_done(api, create(api, {**inp, "_fault": {"kind": "fail"}})["id"])
+        whole = httpx.get(done["output"]).content
+        listed = list_page(api)
+        port = first.port
+    records = _records(tmp_path)
+    assert set(records) == {done["id"], failed["id"]}
+    assert records[done["id"]]["status"] == "succeeded" and "faults" not in records[done["id"]]
+
+    # the same port, as `render-video dev` uses: the stored URLs point at it
+    with RunningServer(config, port=port) as second, _client(second) as api:
+        again = check(api.get(f"/v1/predictions/{done['id']}").json(), second.base_url)
+        assert again == done  # status, output URL, logs, timestamps and metrics all as they were
+        assert api.get(f"/v1/predictions/{failed['id']}").json() == failed
+        resp = download(again["output"], tmp_path / "again.mp4")
+        assert resp.status_code == 200 and resp.content == whole
+        assert probe_video(tmp_path / "again.mp4")[0] == "h264"
+        assert list_page(api) == listed
+        assert ids_of(listed) == [failed["id"], done["id"]]
+
+        # a new prediction numbers after the loaded ones: it lists first, paging still works
+        new = create(api, {**inp, "_fault": {"kind": "slow_start", "delay": 60}})
+        assert ids_of(list_page(api)) == [new["id"], failed["id"], done["id"]]
+        older = list_page(api, created_before=new["created_at"])
+        assert ids_of(older) == [failed["id"], done["id"]]
+        assert second.stats()["predictions"] == {
+            done["id"]: "succeeded",
+            failed["id"]: "failed",
+            new["id"]: "starting",
+        }
+        client = replicate.Client(api_token="x", base_url=second.base_url)
+        assert client.predictions.get(done["id"]).output == done["output"]
+
+
+def test_unfinished_predictions_resume_after_a_restart(tmp_path: Path, images: list[str]) -> None:
+    config = ServerConfig(data_dir=tmp_path, start_delay=0.05, webhook_retry_delays=(0.1, 0.2))
+    inp = {"images": [images[0]], "durations": [0.3], **SMALL}
+    with webhook_receiver() as hooks:
+        with RunningServer(config) as first, _client(first) as api:
+            secret = _secret(api)
+            # rendering when the server stops (its input fault is not applied again on resume)
+            rendering = create(
+                api,
+                {**inp, "_fault": {"kind": "slow_render", "delay": 60}},
+                webhook=f"{hooks.base_url}/rendering",
+            )
+            # still waiting to start, from a queued fault
+            first.add_fault("slow_start", delay=60)
+            waiting = create(
+                api, inp, webhook=f"{hooks.base_url}/waiting", webhook_events_filter=["completed"]
+            )
+            _wait_for(
+                lambda: (
+                    api.get(f"/v1/predictions/{rendering['id']}").json()["status"] == "processing"
+                )
+            )
+            before = api.get(f"/v1/predictions/{rendering['id']}").json()
+            assert api.get(f"/v1/predictions/{waiting['id']}").json()["status"] == "starting"
+            port = first.port
+        assert {r["status"] for r in _records(tmp_path).values()} == {"processing", "starting"}
+        assert final_calls(hooks.to("/rendering")) == [] and hooks.to("/waiting") == []
+
+        with RunningServer(config, port=port) as second, _client(second) as api:
+            done, seen = wait_done(api, rendering["id"], timeout=20)
+            assert seen[0] == "processing" and done["status"] == "succeeded"
+            for key in ("id", "created_at", "started_at", "input", "model", "version"):
+                assert done[key] == before[key], key
+            assert "render server restarted" in done["logs"]
+            assert done["logs"].startswith(before["logs"])
+            download(done["output"], tmp_path / "resumed.mp4")
+            assert abs(probe_video(tmp_path / "resumed.mp4")[3] - 0.3) < 0.1
+
+            other, _ = wait_done(api, waiting["id"], timeout=20)
+            assert other["status"] == "succeeded" and other["created_at"] == waiting["created_at"]
+
+            # the completed webhooks go to the URLs given at creation, signed as before
+            _wait_for(lambda: final_calls(hooks.to("/rendering")) != [])
+            _wait_for(lambda: len(hooks.to("/waiting")) == 1)
+            (final,) = final_calls(hooks.to("/rendering"))
+            assert replicate.webhooks.validate(
+                headers=final.headers, body=final.body, secret=secret, tolerance=300
+            ) in (None, True)
+            body = json.loads(final.body)
+            assert (body["id"], body["status"], body["output"]) == (
+                rendering["id"],
+                "succeeded",
+                done["output"],
+            )
+            (call,) = hooks.to("/waiting")
+            assert json.loads(call.body)["status"] == "succeeded"
+            assert ids_of(list_page(api)) == [waiting["id"], rendering["id"]]
+        records = _records(tmp_path)
+        assert {pid: r["status"] for pid, r in records.items()} == {
+            rendering["id"]: "succeeded",
+            waiting["id"]: "succeeded",
+        }
+
+
+def test_reset_removes_persisted_predictions(tmp_path: Path, images: list[str]) -> None:
+    config = ServerConfig(data_dir=tmp_path, start_delay=0.05)
+    inp = {"images": [images[0]], "durations": [0.2], **SMALL}
+    with RunningServer(config) as first, _client(first) as api:
+        done, _ = wait_done(api, create(api, inp)["id"])
+        pending = create(api, {**inp, "_fault": {"kind": "slow_start", "delay": 60}})
+        assert set(_records(tmp_path)) == {done["id"], pending["id"]}
+        first.reset()
+        assert _records(tmp_path) == {} and not list(tmp_path.glob("*.mp4"))
+        port = first.port
+
+    with RunningServer(config, port=port) as second, _client(second) as api:
+        assert second.stats()["predictions"] == {}
+        assert list_page(api)["results"] == []
+        for pid in (done["id"], pending["id"]):
+            assert_problem(api.get(f"/v1/predictions/{pid}"), 404)
+        fresh, _ = wait_done(api, create(api, inp)["id"])
+        assert fresh["status"] == "succeeded" and ids_of(list_page(api)) == [fresh["id"]]
+        # numbering carries on past the reset, so a cursor from before it cannot match
+        assert json.loads((tmp_path / "predictions" / "_state.json").read_text())["next_seq"] > 2
+        assert _records(tmp_path)[fresh["id"]]["seq"] > 2
+
+
+def test_unusable_data_dir_fails_at_startup(tmp_path: Path) -> None:
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    for data_dir in (a_file, a_file / "sub"):
+        with pytest.raises(DataDirError, match="not a writable directory"):
+            RunningServer(ServerConfig(data_dir=data_dir))
+    with pytest.raises(DataDirError, match="needs a data dir"):
+        RunningServer(ServerConfig(data_dir=None))  # type: ignore[arg-type]
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "local_replicate", "--port", "0", "--data-dir", str(a_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "error:" in proc.stderr and str(a_file) in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # -- command line --
