@@ -106,6 +106,24 @@ class Stack:
         # The worker and API connect only once Temporal's frontend answers, a moment after it
         # binds its port.
         time.sleep(0.5)
+        # The API first: it serves the sample images, and the render server, resuming the
+        # predictions it had when it stopped, fetches their images and calls its webhooks.
+        self.spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--host",
+                settings.api_host,
+                "--port",
+                str(settings.api_port),
+                "--log-level",
+                "warning",
+            ],
+            (settings.api_host, settings.api_port),
+        )
         if settings.uses_local_renderer:
             self.spawn(
                 "render-server",
@@ -124,22 +142,6 @@ class Stack:
             )
         # The worker listens on no port: it is ready once it polls Temporal.
         self.launch("worker", [sys.executable, "-m", "worker"])
-        self.spawn(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "api.main:app",
-                "--host",
-                settings.api_host,
-                "--port",
-                str(settings.api_port),
-                "--log-level",
-                "warning",
-            ],
-            (settings.api_host, settings.api_port),
-        )
 
     def launch(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         """Starts a child in its own session, so Ctrl-C reaches it only through `stop`."""
