@@ -431,12 +431,7 @@ class JobStore:
                 job.prediction_id = prediction_id
                 job.updated_at = _now()
                 session.add(job)
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                return False
-            return True
+            return _commit_unless_duplicate(session)
 
     def move_to_run(self, job_id: int, prediction_id: str, run_id: str) -> bool:
         """Hands a job's prediction from an earlier run (one that was terminated) to this one."""
@@ -467,10 +462,7 @@ class JobStore:
                     prediction_id=prediction_id,
                 )
             )
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
+            _commit_unless_duplicate(session)  # already recorded: nothing to add
 
     def claimed(self, prediction_ids: list[str]) -> set[str]:
         if not prediction_ids:
@@ -510,16 +502,21 @@ class JobStore:
         """True the first time a webhook id is seen; False for a repeat."""
         with Session(self.engine) as session:
             session.add(WebhookDelivery(webhook_id=webhook_id, prediction_id=prediction_id))
-            try:
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                return False
-            return True
+            return _commit_unless_duplicate(session)
 
     def seen_webhook(self, webhook_id: str) -> bool:
         with Session(self.engine) as session:
             return session.get(WebhookDelivery, webhook_id) is not None
+
+
+def _commit_unless_duplicate(session: Session) -> bool:
+    """Commits; False (and nothing written) when a unique key says it is already there."""
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return False
+    return True
 
 
 @lru_cache

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlmodel import Session
 from support import Stack, make_settings
 
 from api.main import create_app
 from backend.database import Job, JobStore, make_engine
+from backend.settings import Settings
 from local_replicate.config import DEFAULT_WEBHOOK_SECRET
 from local_replicate.testing import RunningServer
 from local_replicate.threaded import UvicornThread
@@ -107,13 +109,19 @@ async def test_out_of_range_job_ids_are_422_not_500(stack: Stack) -> None:
     assert response.status_code == 422
 
 
-async def test_approve_while_temporal_is_down_is_503_and_keeps_the_job(
-    renderer: RunningServer, tmp_path: Path
-) -> None:
+@pytest.fixture
+def temporal_down(renderer: RunningServer, tmp_path: Path) -> Settings:
+    """Settings whose Temporal address is a port nothing listens on."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{sock.getsockname()[1]}"
-    settings = make_settings(tmp_path, closed, renderer.base_url)
+    return make_settings(tmp_path, closed, renderer.base_url)
+
+
+async def test_approve_while_temporal_is_down_is_503_and_keeps_the_job(
+    temporal_down: Settings,
+) -> None:
+    settings = temporal_down
     with UvicornThread(create_app(settings)) as server:
         async with httpx.AsyncClient(base_url=server.base_url) as api:
             created = await api.post(
@@ -131,12 +139,9 @@ async def test_approve_while_temporal_is_down_is_503_and_keeps_the_job(
 
 
 async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
-    renderer: RunningServer, tmp_path: Path
+    temporal_down: Settings,
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = f"127.0.0.1:{sock.getsockname()[1]}"
-    settings = make_settings(tmp_path, closed, renderer.base_url)
+    settings = temporal_down
     store = JobStore(make_engine(settings.resolved_database_url))
     with UvicornThread(create_app(settings)) as server:
         async with httpx.AsyncClient(base_url=server.base_url) as api:
