@@ -356,10 +356,6 @@ class JobStore:
             if scenes_completed is not None:
                 job.scenes_completed = scenes_completed
 
-    def set_prediction(self, job_id: int, prediction_id: str) -> None:
-        with self._job(job_id) as job:
-            job.prediction_id = prediction_id
-
     def set_download_retries(self, job_id: int, retries: int) -> None:
         with self._job(job_id) as job:
             job.download_retries = retries

@@ -84,7 +84,7 @@ def test_render_lifecycle_columns(store: JobStore) -> None:
     job_id = store.create(SCENES)
     store.mark_rendering(job_id, "render-video-x")
     store.progress(job_id, "downloading", "Downloading", scenes_total=2)
-    store.set_prediction(job_id, "pred-1")
+    assert store.record_prediction(store.record_intent(job_id, "run-1", "d"), "pred-1", "created")
     store.set_download_retries(job_id, 2)
     store.complete(job_id, video_url="/api/videos/1/data", actual_cost=Decimal("1.02"))
     job = store.get(job_id)
