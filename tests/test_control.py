@@ -25,7 +25,7 @@ from local_replicate.config import DEFAULT_WEBHOOK_SECRET
 from local_replicate.testing import RunningServer
 from local_replicate.webhooks import sign
 from workflows.payloads import ApproveRenderInput, ApproveSignal, RenderProgress
-from workflows.render_video import RenderVideo
+from workflows.render_video import JOB_ID, RenderVideo
 
 
 @pytest.fixture
@@ -720,3 +720,24 @@ async def test_an_approve_signal_with_an_odd_approver_still_approves(
     job = await stack.wait_closed(job_id)
     assert job["status"] == "completed"
     assert job["approved_by"] == "5"
+
+
+async def test_a_namespace_without_our_search_attributes_still_renders(
+    renderer: RunningServer, tmp_path: Path
+) -> None:
+    # As on Temporal Cloud before JobId/RenderStage are added in its console.
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(), ui=False, dev_server_log_level="error"
+    )
+    try:
+        async with running_stack(env, renderer, tmp_path) as stack:
+            job_id = await stack.create_job(stack.sample_scenes(count=1))
+            approved = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+            assert approved.status_code == 200, approved.text
+            job = await stack.wait_closed(job_id)
+            assert job["status"] == "completed", job["error_message"]
+            described = await handle_of(stack, job_id).describe()
+            assert described.typed_search_attributes.get(JOB_ID) is None
+            assert await described.static_summary() == f"Render job {job_id} into a video"
+    finally:
+        await env.shutdown()
