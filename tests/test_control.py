@@ -39,7 +39,8 @@ async def hooked(
         tmp_path,
         webhooks=True,
         database_url=jobs_db,
-        webhook_wait_seconds=2.0,
+        # Long enough that a slow render on a busy machine still ends by webhook.
+        webhook_wait_seconds=60.0,
     ) as stack:
         yield stack
 
@@ -139,15 +140,26 @@ async def test_webhook_render_completes_with_at_most_one_get(hooked: Stack) -> N
     assert "poll_prediction" not in await scheduled(hooked, job_id)
 
 
-async def test_lost_webhook_falls_back_to_polling(hooked: Stack) -> None:
-    hooked.renderer.add_fault("lose_webhook")
-    job_id = await hooked.create_job(hooked.sample_scenes(count=1))
-    await hooked.api.post(f"/api/v2/jobs/{job_id}/approve")
-    job = await hooked.wait_closed(job_id)
-    assert job["status"] == "completed", job["error_message"]
-    assert "prediction_finished" not in await signals(hooked, job_id)
-    assert "poll_prediction" in await scheduled(hooked, job_id)
-    assert hooked.renderer.stats()["gets"] >= 1
+async def test_lost_webhook_falls_back_to_polling(
+    temporal_env: WorkflowEnvironment, renderer: RunningServer, tmp_path: Path, jobs_db: str
+) -> None:
+    renderer.add_fault("lose_webhook")
+    async with running_stack(
+        temporal_env,
+        renderer,
+        tmp_path,
+        webhooks=True,
+        database_url=jobs_db,
+        webhook_wait_seconds=1.0,
+    ) as hooked:
+        job_id = await hooked.create_job(hooked.sample_scenes(count=1))
+        await hooked.api.post(f"/api/v2/jobs/{job_id}/approve")
+        job = await hooked.wait_closed(job_id)
+        assert job["status"] == "completed", job["error_message"]
+        assert "prediction_finished" not in await signals(hooked, job_id)
+        assert "poll_prediction" in await scheduled(hooked, job_id)
+        assert renderer.stats()["gets"] >= 1
+        assert renderer.stats()["webhooks_dropped"] >= 1
 
 
 async def test_forged_or_stale_webhooks_get_401_and_change_nothing(hooked: Stack) -> None:
@@ -523,7 +535,8 @@ async def test_cancel_of_a_terminated_run_closes_the_job(
 
 
 async def test_approve_after_terminate_adopts_the_running_prediction(stack: Stack) -> None:
-    stack.renderer.add_fault("slow_render", delay=3.0)
+    # Slow enough that the prediction is surely still rendering when the new run starts.
+    stack.renderer.add_fault("slow_render", delay=6.0)
     job_id = await stack.create_job(stack.sample_scenes(count=1))
     await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
     prediction_id = await eventually(
