@@ -108,6 +108,15 @@ async def stage_is(stack: Stack, job_id: int, stage: str) -> bool:
         return False
 
 
+async def in_review(stack: Stack, count: int = 1) -> int:
+    """A new job submitted for review, once its run waits for approval."""
+    job_id = await stack.create_job(stack.sample_scenes(count=count))
+    response = await stack.api.post(f"/api/v2/jobs/{job_id}/review")
+    assert response.status_code == 200, response.text
+    await eventually(lambda: stage_is(stack, job_id, "awaiting_approval"), what="review")
+    return job_id
+
+
 def signed_headers(body: str, *, secret: str = DEFAULT_WEBHOOK_SECRET, age: int = 0) -> dict:
     msg_id = f"msg_test_{time.monotonic_ns()}"
     stamp = int(time.time()) - age
@@ -275,9 +284,7 @@ async def test_review_waits_for_the_cli_approve_signal(
 async def test_api_approve_signals_the_waiting_run_and_never_starts_two(
     stack: Stack, temporal_env: WorkflowEnvironment
 ) -> None:
-    job_id = await stack.create_job(stack.sample_scenes(count=1))
-    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
-    await eventually(lambda: stage_is(stack, job_id, "awaiting_approval"), what="review")
+    job_id = await in_review(stack, count=1)
     first_run = (await handle_of(stack, job_id).describe()).run_id
 
     approved = await stack.api.post(
@@ -483,9 +490,7 @@ async def test_cancel_mid_download_stops_it_and_leaves_no_partial_file(stack: St
 async def test_cli_cancel_of_a_run_in_review_bills_nothing(
     stack: Stack, temporal_env: WorkflowEnvironment
 ) -> None:
-    job_id = await stack.create_job(stack.sample_scenes(count=1))
-    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
-    await eventually(lambda: stage_is(stack, job_id, "awaiting_approval"), what="review")
+    job_id = await in_review(stack, count=1)
     result = await cli(temporal_env, "workflow", "cancel", "-w", f"render-video-{job_id}")
     assert result.returncode == 0, result.stderr
     job = await stack.wait_closed(job_id)
@@ -715,9 +720,7 @@ async def test_signed_webhook_that_is_not_a_prediction_is_400(hooked: Stack, bod
 async def test_an_approve_signal_with_an_odd_approver_still_approves(
     stack: Stack, temporal_env: WorkflowEnvironment
 ) -> None:
-    job_id = await stack.create_job(stack.sample_scenes(count=1))
-    await stack.api.post(f"/api/v2/jobs/{job_id}/review")
-    await eventually(lambda: stage_is(stack, job_id, "awaiting_approval"), what="review")
+    job_id = await in_review(stack, count=1)
     result = await cli(
         temporal_env,
         "workflow",
