@@ -127,8 +127,7 @@ class RenderActivities:
             price_per_image=self.settings.price_per_image,
             price_per_second=self.settings.price_per_video_second,
         )
-        await self._db(self.store.set_estimate, input.job_id, estimate)
-        job = await self._db(self.store.get, input.job_id)
+        job = await self._db(self.store.set_estimate, input.job_id, estimate)
         max_cost = job["max_cost"]
         return StoryboardSummary(
             scenes_total=len(storyboard.scenes),
@@ -208,7 +207,7 @@ class RenderActivities:
 
         unrecorded = [entry for entry in entries if not entry["prediction_id"]]
         if unrecorded:
-            since = min(_aware(entry["intent_at"]) for entry in unrecorded)
+            since = _earliest_intent(unrecorded)
             adopted = await self._adopt_unrecorded(
                 input.job_id, run_id, digest, unrecorded[-1]["id"], since
             )
@@ -357,7 +356,7 @@ class RenderActivities:
             status = status or state.status
         unrecorded = [e for e in entries if not e["prediction_id"]]
         if unrecorded:
-            since = min(_aware(e["intent_at"]) for e in unrecorded)
+            since = _earliest_intent(unrecorded)
             digest = unrecorded[-1]["input_digest"]
             for item in await self._find_unrecorded(digest, since):
                 await self._cancel_orphan(input.job_id, run_id, digest, item["id"])
@@ -490,8 +489,9 @@ async def _heartbeating(call: Awaitable[T]) -> T:
         task.cancel()
 
 
-def _aware(moment: datetime) -> datetime:
+def _earliest_intent(entries: list[dict[str, Any]]) -> datetime:
     # SQLite hands datetimes back without their zone; they were written in UTC.
+    moment: datetime = min(entry["intent_at"] for entry in entries)
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

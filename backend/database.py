@@ -311,9 +311,10 @@ class JobStore:
             job.progress_message = f"Approved{f' by {approved_by}' if approved_by else ''}"
             return job_to_dict(job)
 
-    def set_estimate(self, job_id: int, estimate: Decimal) -> None:
+    def set_estimate(self, job_id: int, estimate: Decimal) -> dict[str, Any]:
         with self._job(job_id) as job:
             job.estimated_cost = estimate
+            return job_to_dict(job)
 
     def revert_rendering(
         self,
@@ -391,13 +392,13 @@ class JobStore:
 
     # -- the prediction ledger --
 
-    def ledger(self, job_id: int, run_id: str) -> list[dict[str, Any]]:
+    def ledger(self, job_id: int, run_id: str | None = None) -> list[dict[str, Any]]:
+        """The job's ledger entries in order: one run's, or (run_id None) every run's."""
+        query = select(PredictionLedger).where(PredictionLedger.job_id == job_id)
+        if run_id is not None:
+            query = query.where(PredictionLedger.run_id == run_id)
         with Session(self.engine) as session:
-            rows = session.exec(
-                select(PredictionLedger)
-                .where(PredictionLedger.job_id == job_id, PredictionLedger.run_id == run_id)
-                .order_by(PredictionLedger.id)  # type: ignore[arg-type]
-            ).all()
+            rows = session.exec(query.order_by(PredictionLedger.id)).all()  # type: ignore[arg-type]
             return [row.model_dump() for row in rows]
 
     def record_intent(self, job_id: int, run_id: str, input_digest: str) -> int:
@@ -470,15 +471,6 @@ class JobStore:
                 )
             ).all()
             return {row for row in rows if row}
-
-    def predictions_of_job(self, job_id: int) -> list[dict[str, Any]]:
-        with Session(self.engine) as session:
-            rows = session.exec(
-                select(PredictionLedger)
-                .where(PredictionLedger.job_id == job_id)
-                .order_by(PredictionLedger.id)  # type: ignore[arg-type]
-            ).all()
-            return [row.model_dump() for row in rows]
 
     def job_for_prediction(self, prediction_id: str) -> int | None:
         with Session(self.engine) as session:

@@ -271,7 +271,7 @@ def assert_one_prediction(stack: Stack, job_id: int, state: str) -> str:
     assert stats["creates"] == 1, stats
     assert stats["predictions"] == {job["prediction_id"]: "succeeded"}, stats
     assert stats["cancels"] == 0, stats
-    rows = stack.store.predictions_of_job(job_id)
+    rows = stack.store.ledger(job_id)
     ledger = [(row["prediction_id"], row["state"]) for row in rows]
     assert ledger == [(job["prediction_id"], state)]
     return job["prediction_id"]
@@ -418,12 +418,12 @@ async def test_worker_killed_during_create_call_adopts_the_prediction_instead_of
     job_id = await approve(stack, stack.sample_scenes(count=2, seconds=1.0))
 
     await wait_until(lambda: stack.renderer.stats()["creates"] == 1, 60, "the create call")
-    await wait_until(lambda: stack.store.predictions_of_job(job_id), 10, "the ledger's intent")
+    await wait_until(lambda: stack.store.ledger(job_id), 10, "the ledger's intent")
     kill_after = rng.uniform(0.0, 2.0)
     print(f"killing the worker {kill_after:.2f} s into the create call")
     await asyncio.sleep(kill_after)
     # The create went through at the provider, but its answer never reached the worker.
-    [intent] = stack.store.predictions_of_job(job_id)
+    [intent] = stack.store.ledger(job_id)
     assert (intent["state"], intent["prediction_id"]) == ("intent", None)
     assert stack.store.get(job_id)["prediction_id"] is None
     first.kill()
@@ -483,7 +483,7 @@ async def test_temporal_server_restarted_mid_render_job_completes_and_clients_re
             second_result = await wait_result(stack, second, within=60)
             await assert_db_agrees_with_temporal(stack, second, second_result)
             assert stack.renderer.stats()["creates"] == 2
-            assert [row["state"] for row in stack.store.predictions_of_job(second)] == ["created"]
+            assert [row["state"] for row in stack.store.ledger(second)] == ["created"]
             assert_clean_video(stack, second, seconds=1.0)
     finally:
         if pool is not None:

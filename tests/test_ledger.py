@@ -93,7 +93,7 @@ async def test_unrecorded_create_is_found_adopted_and_extras_cancelled(bench: Be
     stats = bench.renderer.stats()
     assert stats["creates"] == 2  # nothing new was billed
     assert older.id in stats["cancelled_ids"] and newer.id not in stats["cancelled_ids"]
-    states = {e["prediction_id"]: e["state"] for e in bench.store.predictions_of_job(job_id)}
+    states = {e["prediction_id"]: e["state"] for e in bench.store.ledger(job_id)}
     assert states == {newer.id: "adopted", older.id: "orphan_cancelled"}
     assert bench.store.get(job_id)["prediction_id"] == newer.id
 
