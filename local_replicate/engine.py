@@ -22,7 +22,7 @@ from PIL import Image
 
 from .config import ServerConfig
 from .faults import CREATE_KINDS, DOWNLOAD_KINDS, PREDICTION_KINDS, Fault, FaultQueue
-from .render import InputError, RenderCanceled, parse_input, render
+from .render import InputError, RenderCanceled, image_client, parse_input, render
 from .store import PredictionStore
 from .webhooks import WebhookSender
 
@@ -198,6 +198,7 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._http: httpx.AsyncClient | None = None
+        self._images: httpx.Client | None = None
         self._sender: WebhookSender | None = None
         # not reset with the stats, so a cursor from before a reset cannot match new predictions
         self._last_seq = 0
@@ -225,6 +226,7 @@ class Engine:
             max_workers=self.config.render_workers, thread_name_prefix="render"
         )
         self._http = httpx.AsyncClient(timeout=10.0, follow_redirects=False)
+        self._images = image_client()
         self._sender = WebhookSender(
             self._http,
             self.config.webhook_secret,
@@ -271,6 +273,8 @@ class Engine:
             await self._http.aclose()
         if self._executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._images:
+            self._images.close()
 
     async def _cancel_everything(self) -> None:
         for p in self.predictions.values():
@@ -460,7 +464,9 @@ class Engine:
         error: str | None = None
         try:
             job = parse_input(p.input)
-            await loop.run_in_executor(self._executor, render, job, path, p.cancel, log_from_thread)
+            await loop.run_in_executor(
+                self._executor, render, job, path, p.cancel, log_from_thread, self._images
+            )
         except RenderCanceled:
             pass
         except InputError as exc:

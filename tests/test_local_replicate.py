@@ -1106,7 +1106,11 @@ def test_finished_predictions_survive_a_restart(tmp_path: Path, images: list[str
 
 
 def test_unfinished_predictions_resume_after_a_restart(tmp_path: Path, images: list[str]) -> None:
-    config = ServerConfig(data_dir=tmp_path, start_delay=0.05, webhook_retry_delays=(0.1, 0.2))
+    # min_processing keeps the resumed render `processing` long enough for the first read to
+    # see it so; a tiny render could otherwise finish before that read.
+    config = ServerConfig(
+        data_dir=tmp_path, start_delay=0.05, min_processing=1.0, webhook_retry_delays=(0.1, 0.2)
+    )
     inp = {"images": [images[0]], "durations": [0.3], **SMALL}
     with webhook_receiver() as hooks:
         with RunningServer(config) as first, _client(first) as api:
