@@ -1,4 +1,8 @@
-"""FastAPI dependencies: one store and one Temporal client per process, made in the lifespan."""
+"""FastAPI dependencies: one store and one Temporal client per process, made in the lifespan.
+
+They are `async def` although they never await: FastAPI runs a plain `def` dependency in its
+threadpool, a thread hop per dependency per request for what is an attribute read.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,39 @@ from typing import Annotated
 from fastapi import Depends, Request
 from temporalio.client import Client
 
+from api.reads import JobReads, ProgressCache
 from backend.database import JobStore
 from backend.provider import ProviderClient
 from backend.settings import Settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def get_temporal(request: Request) -> Client:
+async def get_temporal(request: Request) -> Client:
     return request.app.state.temporal
 
 
-def get_provider(request: Request) -> ProviderClient:
+async def get_provider(request: Request) -> ProviderClient:
     return request.app.state.provider
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+async def get_reads(request: Request) -> JobReads:
+    return request.app.state.reads
+
+
+async def get_progress(request: Request) -> ProgressCache:
+    return request.app.state.progress
 
 
 StoreDep = Annotated[JobStore, Depends(get_store)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 ProviderDep = Annotated[ProviderClient, Depends(get_provider)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+ReadsDep = Annotated[JobReads, Depends(get_reads)]
+ProgressDep = Annotated[ProgressCache, Depends(get_progress)]

@@ -4,13 +4,12 @@ status, and serve the finished videos."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import gc
 import json
 import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from decimal import Decimal
 from importlib import resources
 from typing import Annotated, Any
@@ -26,9 +25,9 @@ from replicate.webhook import WebhookSigningSecret
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import ProviderDep, SettingsDep, StoreDep, TemporalDep
+from api.deps import ProgressDep, ProviderDep, ReadsDep, SettingsDep, StoreDep, TemporalDep
+from api.reads import JobReads, ProgressCache, live_progress
 from backend.database import (
-    ACTIVE,
     FINISHED,
     JobConflict,
     JobNotFound,
@@ -45,7 +44,7 @@ from backend.orchestration import (
 from backend.provider import TERMINAL, PredictionState, ProviderClient
 from backend.settings import Settings, get_settings
 from backend.storyboard import StoryboardError
-from workflows.payloads import PredictionWebhook, RenderProgress
+from workflows.payloads import PredictionWebhook
 from workflows.render_video import RenderVideo, workflow_id_for
 
 log = logging.getLogger("api")
@@ -91,7 +90,7 @@ class RenderStarted(BaseModel):
     workflow_id: str
 
 
-def job_view(job: dict[str, Any], live: RenderProgress | None = None) -> dict[str, Any]:
+def job_view(job: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
     """The seed's response shapes, plus the job and workflow ids, the budget, and (while a
     run goes) the run's own progress from its `progress` query."""
     status = job["status"]
@@ -107,15 +106,15 @@ def job_view(job: dict[str, Any], live: RenderProgress | None = None) -> dict[st
         progress = dict(job["progress"])
         if live is not None:
             progress |= {
-                "current_stage": live.stage,
-                "message": live.message,
-                "scenes_total": live.scenes_total or progress["scenes_total"],
-                "scenes_completed": live.scenes_completed,
+                "current_stage": live["stage"],
+                "message": live["message"],
+                "scenes_total": live["scenes_total"] or progress["scenes_total"],
+                "scenes_completed": live["scenes_completed"],
             }
         view |= {
             "approved": job["approved"],
             "progress": progress,
-            "live": dataclasses.asdict(live) if live is not None else None,
+            "live": live,
         }
         if job["max_cost"] is not None:
             view["max_cost"] = job["max_cost"]
@@ -123,23 +122,8 @@ def job_view(job: dict[str, Any], live: RenderProgress | None = None) -> dict[st
     return view
 
 
-QUERY_TIMEOUT = timedelta(seconds=2)
-
-
-async def live_progress(client: Client, job: dict[str, Any]) -> RenderProgress | None:
-    """The running workflow's answer to `progress`; None when it cannot answer quickly."""
-    if job["status"] not in ACTIVE:
-        return None
-    handle = client.get_workflow_handle(job["workflow_id"] or workflow_id_for(job["id"]))
-    try:
-        # rpc_timeout bounds one attempt; the client retries a refused connection for up
-        # to 10 s, so the whole call gets the bound too.
-        return await asyncio.wait_for(
-            handle.query(RenderVideo.progress, rpc_timeout=QUERY_TIMEOUT), QUERY_TIMEOUT.seconds
-        )
-    except Exception as exc:  # noqa: BLE001 - a read must not fail because Temporal is slow
-        log.debug("progress query for job %s failed: %s", job["id"], exc)
-        return None
+def _forget_progress(request: Request, job_id: int) -> None:
+    request.app.state.progress.forget(job_id)
 
 
 def _json_safe(value: Any) -> Any:
@@ -167,7 +151,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.temporal = await connect(settings, lazy=True)
         app.state.provider = ProviderClient(settings)
         app.state.webhook_secret = settings.replicate_webhook_secret
-        yield
+        # Per lifespan: their tasks and futures belong to this event loop.
+        app.state.reads = JobReads(app.state.store)
+        app.state.progress = ProgressCache()
+        # What startup made (modules, models, the engine, the client) lives as long as the
+        # process. Frozen, full collections stop walking it: under load they came every second
+        # or two and each one stalled every request in flight for about 100 ms.
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
 
     app = FastAPI(
         title="Storyboard video renderer",
@@ -228,6 +222,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/api/v2/jobs/{job_id}/approve", response_model=RenderStarted)
     async def approve(
         job_id: JobId,
+        request: Request,
         store: StoreDep,
         temporal: TemporalDep,
         settings: SettingsDep,
@@ -236,35 +231,54 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Approves and renders: signals the run waiting in review, or starts one."""
         job = await asyncio.to_thread(store.approve, job_id)
         approved_by = body.approved_by if body else None
-        workflow_id = await start_render(temporal, store, settings, job_id, approved_by=approved_by)
+        try:
+            workflow_id = await start_render(
+                temporal, store, settings, job_id, approved_by=approved_by
+            )
+        finally:
+            _forget_progress(request, job_id)
         # A completed job is never rendered (or billed) again.
         status = "completed" if job["status"] == JobStatus.COMPLETED else "rendering_started"
         return RenderStarted(status=status, job_id=job_id, workflow_id=workflow_id)
 
     @app.post("/api/v2/jobs/{job_id}/review", response_model=RenderStarted)
     async def submit_for_review(
-        job_id: JobId, store: StoreDep, temporal: TemporalDep, settings: SettingsDep
+        job_id: JobId,
+        request: Request,
+        store: StoreDep,
+        temporal: TemporalDep,
+        settings: SettingsDep,
     ) -> RenderStarted:
         """Starts a run that validates the storyboard, then waits for an approval."""
         job = await asyncio.to_thread(store.get, job_id)
         if job["status"] == JobStatus.COMPLETED:
             raise JobConflict(f"Job {job_id} is already completed")
-        workflow_id = await start_render(temporal, store, settings, job_id, review=True)
+        try:
+            workflow_id = await start_render(temporal, store, settings, job_id, review=True)
+        finally:
+            _forget_progress(request, job_id)
         return RenderStarted(status="in_review", job_id=job_id, workflow_id=workflow_id)
 
     @app.post("/api/v2/jobs/{job_id}/cancel", status_code=202)
     async def cancel(
-        job_id: JobId, store: StoreDep, temporal: TemporalDep, provider: ProviderDep
+        job_id: JobId,
+        request: Request,
+        store: StoreDep,
+        temporal: TemporalDep,
+        provider: ProviderDep,
     ) -> dict[str, Any]:
         """Cancels the job's run; the job reads `cancelled` once the run has cleaned up."""
-        return await cancel_render(temporal, store, job_id, provider)
+        try:
+            return await cancel_render(temporal, store, job_id, provider)
+        finally:
+            _forget_progress(request, job_id)
 
     @app.get("/api/v2/jobs/{job_id}")
     async def get_job_status(
-        job_id: JobId, store: StoreDep, temporal: TemporalDep
+        job_id: JobId, reads: ReadsDep, progress: ProgressDep, temporal: TemporalDep
     ) -> dict[str, Any]:
-        job = await asyncio.to_thread(store.get, job_id)
-        return job_view(job, await live_progress(temporal, job))
+        job = await reads.get(job_id)
+        return job_view(job, await progress.get(temporal, job))
 
     @app.get("/api/v2/jobs/{job_id}/events")
     async def job_events(
@@ -330,6 +344,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         outcome = "signalled"
         try:
             await handle.signal(RenderVideo.prediction_finished, signal)
+            _forget_progress(request, target)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 log.warning("Could not relay webhook %s: %s", webhook_id, exc)

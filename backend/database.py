@@ -7,7 +7,7 @@ the old renderer; they use the engine configured by `Settings`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -16,8 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Column, Numeric, Text, event, false, inspect, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import Boolean, Column, Numeric, Text, bindparam, event, false, inspect, text
+from sqlalchemy import select as sa_select
+from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -175,7 +176,7 @@ def _utc_iso(moment: datetime) -> str:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
 
 
-def job_to_dict(job: Job) -> dict[str, Any]:
+def job_to_dict(job: Job | Row[Any]) -> dict[str, Any]:
     return {
         "id": job.id,
         "status": job.status,
@@ -200,6 +201,11 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "created_at": _utc_iso(job.created_at),
         "updated_at": _utc_iso(job.updated_at),
     }
+
+
+_JOBS = Job.__table__  # type: ignore[attr-defined]
+_GET_JOB = sa_select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
+_GET_JOBS = sa_select(_JOBS).where(_JOBS.c.id.in_(bindparam("job_ids", expanding=True)))
 
 
 class JobStore:
@@ -232,11 +238,19 @@ class JobStore:
             return job.id
 
     def get(self, job_id: int) -> dict[str, Any]:
-        with Session(self.engine) as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise JobNotFound(job_id)
-            return job_to_dict(job)
+        # A Core select: a read needs no ORM session, identity map or instance, and this is
+        # every GET's path. The row has the model's attribute names and column types.
+        with self.engine.connect() as conn:
+            row = conn.execute(_GET_JOB, {"job_id": job_id}).first()
+        if row is None:
+            raise JobNotFound(job_id)
+        return job_to_dict(row)
+
+    def get_many(self, job_ids: Collection[int]) -> dict[int, dict[str, Any]]:
+        """The jobs among `job_ids` that exist, by id, read in one query."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(_GET_JOBS, {"job_ids": list(job_ids)}).all()
+        return {row.id: job_to_dict(row) for row in rows}
 
     def set_storyboard(self, job_id: int, storyboard: Any) -> dict[str, Any]:
         parsed = Storyboard.parse(storyboard)

@@ -1,0 +1,131 @@
+"""GET's side of the API: job reads batched together, and running jobs' progress answers
+shared between their readers. One of each per app, made in its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client
+
+from backend.database import ACTIVE, JobNotFound, JobStore
+from workflows.render_video import RenderVideo, workflow_id_for
+
+log = logging.getLogger("api")
+
+QUERY_TIMEOUT = timedelta(seconds=2)
+
+
+async def live_progress(client: Client, job: dict[str, Any]) -> dict[str, Any] | None:
+    """The running workflow's answer to `progress` as a dict (made once, however many GETs
+    share it); None when it cannot answer quickly."""
+    if job["status"] not in ACTIVE:
+        return None
+    handle = client.get_workflow_handle(job["workflow_id"] or workflow_id_for(job["id"]))
+    try:
+        # rpc_timeout bounds one attempt; the client retries a refused connection for up
+        # to 10 s, so the whole call gets the bound too.
+        progress = await asyncio.wait_for(
+            handle.query(RenderVideo.progress, rpc_timeout=QUERY_TIMEOUT), QUERY_TIMEOUT.seconds
+        )
+    except Exception as exc:  # noqa: BLE001 - a read must not fail because Temporal is slow
+        log.debug("progress query for job %s failed: %s", job["id"], exc)
+        return None
+    return dataclasses.asdict(progress)
+
+
+class ProgressCache:
+    """Each running job's latest answer to `progress`, shared by its readers for `ttl` seconds.
+
+    A query is a round trip through Temporal to a worker, many times a GET's own cost: with
+    many clients polling a job, the run answers about once a second instead of once per GET.
+    Only `live` is shared: the status is read from the job store on every GET, so a job that
+    finished reads as finished at once and never queries. Changes made through this API
+    (approve, review, cancel, a relayed webhook) drop the job's answer.
+    """
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self.ttl = ttl
+        # job id -> (when the query started, its workflow id, the query's task)
+        self._answers: dict[int, tuple[float, str, asyncio.Task[dict[str, Any] | None]]] = {}
+        self._pruned = 0.0
+
+    async def get(self, client: Client, job: dict[str, Any]) -> dict[str, Any] | None:
+        if job["status"] not in ACTIVE:
+            return None
+        now = time.monotonic()
+        workflow_id = job["workflow_id"] or workflow_id_for(job["id"])
+        entry = self._answers.get(job["id"])
+        # Aged from the query's start: an answer is never older than `ttl` when served.
+        if entry is None or now - entry[0] >= self.ttl or entry[1] != workflow_id:
+            self._prune(now)
+            entry = (now, workflow_id, asyncio.create_task(live_progress(client, job)))
+            self._answers[job["id"]] = entry
+        task = entry[2]
+        if task.done():
+            return task.result()
+        # Shielded: a reader that goes away must not cancel the query others wait for.
+        return await asyncio.shield(task)
+
+    def forget(self, job_id: int) -> None:
+        self._answers.pop(job_id, None)
+
+    def _prune(self, now: float) -> None:
+        # At most once per ttl, so the map holds about one ttl's worth of polled jobs.
+        if now - self._pruned >= self.ttl:
+            self._pruned = now
+            for job_id in [j for j, e in self._answers.items() if now - e[0] >= self.ttl]:
+                del self._answers[job_id]
+
+
+class JobReads:
+    """GET's reads of the job store, in batches: the reads asked for while one batch runs go
+    together in the next, with one thread hop and one query for all of them.
+
+    Under many pollers the hop to a thread and a connection per read cost more than the read
+    itself. A batch starts after its requests arrived, so each still sees every write that was
+    committed before it came. The jobs it returns are shared between requests: read only.
+    """
+
+    BATCH = 100  # ids per query, well under any database's limit on parameters
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._waiting: list[tuple[int, asyncio.Future[dict[str, Any] | None]]] = []
+        self._reading: asyncio.Task[None] | None = None
+
+    async def get(self, job_id: int) -> dict[str, Any]:
+        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((job_id, future))
+        if self._reading is None:
+            self._reading = asyncio.create_task(self._read())
+        job = await future
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    async def _read(self) -> None:
+        batch: list[tuple[int, asyncio.Future[dict[str, Any] | None]]] = []
+        try:
+            while self._waiting:
+                batch = self._waiting[: self.BATCH]
+                del self._waiting[: self.BATCH]
+                try:
+                    jobs = await asyncio.to_thread(self.store.get_many, {i for i, _ in batch})
+                except Exception as exc:  # noqa: BLE001 - each request fails with it, as before
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for job_id, future in batch:
+                    if not future.done():  # its request may have gone away
+                        future.set_result(jobs.get(job_id))
+        finally:
+            self._reading = None
+            # Left unanswered only if this task was cancelled, as the loop shuts down.
+            for _, future in batch + self._waiting:
+                future.cancel()
