@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 import httpx
 from temporalio.client import Client
@@ -15,12 +16,20 @@ from temporalio.worker import Worker
 
 from activities.render import RenderActivities
 from backend.database import JobStore, make_engine
-from backend.orchestration import connect, ensure_search_attributes
+from backend.orchestration import connect, ensure_search_attributes, metrics_runtime
 from backend.provider import ProviderClient
 from backend.settings import Settings, get_settings
 from workflows.render_video import RenderVideo
 
 log = logging.getLogger("worker")
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """Shared with the benchmarks' bare worker, so both run on the same settings."""
+    return {
+        "graceful_shutdown_timeout": timedelta(seconds=10),
+        "max_cached_workflows": settings.worker_max_cached_workflows,
+    }
 
 
 @asynccontextmanager
@@ -38,7 +47,7 @@ async def running_worker(client: Client, settings: Settings) -> AsyncIterator[Wo
             task_queue=settings.task_queue,
             workflows=[RenderVideo],
             activities=activities.all(),
-            graceful_shutdown_timeout=timedelta(seconds=10),
+            **worker_options(settings),
         )
         async with worker:
             yield worker
@@ -49,12 +58,14 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    client = await connect(settings)
+    client = await connect(settings, runtime=metrics_runtime(settings))
     await ensure_search_attributes(client, settings)
     async with running_worker(client, settings):
         log.info(
             "worker running on task queue %r at %s", settings.task_queue, settings.temporal_address
         )
+        if settings.worker_metrics_address:
+            log.info("metrics at http://%s/metrics", settings.worker_metrics_address)
         await stop.wait()
         log.info("stopping worker")
     log.info("worker stopped")

@@ -24,6 +24,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 
 from backend.database import ACTIVE, FINISHED, JobConflict, JobStatus, JobStore
@@ -39,10 +40,26 @@ class TemporalUnavailable(RuntimeError):
     """Temporal could not be reached or refused the call; nothing was started."""
 
 
-async def connect(settings: Settings, *, lazy: bool = False) -> Client:
+async def connect(
+    settings: Settings, *, lazy: bool = False, runtime: Runtime | None = None
+) -> Client:
     # lazy: the API should come up and serve reads even while Temporal is still starting.
     return await Client.connect(
-        settings.temporal_address, namespace=settings.temporal_namespace, lazy=lazy
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        lazy=lazy,
+        runtime=runtime,
+    )
+
+
+def metrics_runtime(settings: Settings) -> Runtime | None:
+    """A runtime that serves the SDK's Prometheus metrics at WORKER_METRICS_ADDRESS, if set."""
+    if not settings.worker_metrics_address:
+        return None
+    return Runtime(
+        telemetry=TelemetryConfig(
+            metrics=PrometheusConfig(bind_address=settings.worker_metrics_address)
+        )
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,8 @@ class Settings(BaseSettings):
     model_images_field: str = "images"
     model_durations_field: str = "durations"
     model_prompt_field: str = "prompt"
+    # Fixed inputs the model takes beside the storyboard, as JSON: '{"fps": 24, "width": 1280}'.
+    model_extra_input: dict[str, Any] = Field(default_factory=dict)
 
     poll_interval_seconds: float = Field(default=5.0, gt=0)
     render_timeout_seconds: float = Field(default=600.0, gt=0)
@@ -56,6 +59,14 @@ class Settings(BaseSettings):
     review_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
     # How often the Server-Sent Events stream looks at a running job's progress.
     events_interval_seconds: float = Field(default=1.0, gt=0)
+
+    # Runs kept in the worker's memory between their tasks; a run that is not is replayed
+    # from its history when its next task comes. Each costs about 0.2 MB, so the default
+    # keeps a worker with 1,000 renders waiting on their predictions near 150 MB.
+    worker_max_cached_workflows: int = Field(default=250, ge=0)
+    # host:port where the worker serves Prometheus metrics (task slots, activity latencies);
+    # off when unset.
+    worker_metrics_address: str | None = None
 
     price_per_image: Decimal = Decimal("0.003")
     price_per_video_second: Decimal = Decimal("0.10")
