@@ -4,6 +4,7 @@
     python3 dev.py demo    render the sample storyboard end to end on the embedded local stack
     python3 dev.py test    run the whole test suite
     python3 dev.py dev     run the local stack in the foreground (Ctrl-C stops it)
+    python3 dev.py bench   run every benchmark (or `bench NAME ...`) and write bench/RESULTS.md
 
 Creates `.venv` and installs the project into it on first use (again when pyproject.toml
 changes), then runs the command inside it.
@@ -43,7 +44,7 @@ def ensure_venv() -> None:
             "--quiet",
             "--disable-pip-version-check",
             "-e",
-            f"{ROOT}[test]",
+            f"{ROOT}[test,bench]",
         ],
         check=True,
     )
@@ -71,7 +72,7 @@ def ensure_postgres() -> None:
 def main() -> int:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     rest = sys.argv[2:]
-    if command not in {"demo", "test", "dev"}:
+    if command not in {"demo", "test", "dev", "bench"}:
         print(__doc__)
         return 2
     ensure_venv()
@@ -80,6 +81,8 @@ def main() -> int:
     if command == "test":
         ensure_postgres()
         args = [str(BIN / "python"), "-m", "pytest", *(rest or ["-q"])]
+    elif command == "bench":
+        args = [str(BIN / "python"), "-m", "bench", *rest]
     else:
         args = [str(BIN / "render-video"), command, *rest]
     child = subprocess.Popen(args, env=env)

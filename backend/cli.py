@@ -31,6 +31,38 @@ def temporal_binary() -> str:
     return found
 
 
+def temporal_dev_command(
+    host: str,
+    port: int,
+    *,
+    namespace: str = "default",
+    ui_port: int | None = None,
+    db_file: Path | None = None,
+) -> list[str]:
+    """`temporal server start-dev` as the stack runs it; no UI port: headless, no db file:
+    in memory."""
+    return [
+        temporal_binary(),
+        "server",
+        "start-dev",
+        "--ip",
+        host,
+        "--port",
+        str(port),
+        *(["--ui-port", str(ui_port)] if ui_port is not None else ["--headless"]),
+        *(["--db-filename", str(db_file)] if db_file is not None else []),
+        "--namespace",
+        namespace,
+        # Runs are found with `temporal workflow list -q "JobId = '12'"`.
+        "--search-attribute",
+        "JobId=Keyword",
+        "--search-attribute",
+        "RenderStage=Keyword",
+        "--log-level",
+        "error",
+    ]
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -79,28 +111,13 @@ class Stack:
         host, port = _temporal_host_port(settings)
         self.spawn(
             "temporal",
-            [
-                temporal_binary(),
-                "server",
-                "start-dev",
-                "--ip",
+            temporal_dev_command(
                 host,
-                "--port",
-                str(port),
-                "--ui-port",
-                str(settings.temporal_ui_port),
-                "--db-filename",
-                str(settings.data_dir / "temporal.db"),
-                "--namespace",
-                settings.temporal_namespace,
-                # Runs are found with `temporal workflow list -q "JobId = '12'"`.
-                "--search-attribute",
-                "JobId=Keyword",
-                "--search-attribute",
-                "RenderStage=Keyword",
-                "--log-level",
-                "error",
-            ],
+                port,
+                namespace=settings.temporal_namespace,
+                ui_port=settings.temporal_ui_port,
+                db_file=settings.data_dir / "temporal.db",
+            ),
             (host, port),
         )
         # The worker and API connect only once Temporal's frontend answers, a moment after it
