@@ -12,9 +12,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
 
 from backend.cli import temporal_dev_command
 
@@ -100,10 +97,6 @@ class Stack:
     @property
     def worker(self) -> Proc:
         return self.procs["worker"]
-
-    def render_stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = httpx.get(f"{self.render_server}/_admin/stats", timeout=30).json()
-        return stats
 
 
 @contextmanager
