@@ -32,15 +32,17 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def download_client() -> httpx.AsyncClient:
+    """The activities' HTTP client. It follows redirects because CDNs serve outputs that way;
+    the token never rides along (download_video only attaches it for the provider's origin)."""
+    return httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=True)
+
+
 @asynccontextmanager
 async def running_worker(client: Client, settings: Settings) -> AsyncIterator[Worker]:
     """A started worker with real activities; shut down gracefully on exit."""
     store = JobStore(make_engine(settings.resolved_database_url))
-    # Follows redirects because CDNs serve outputs that way; the token never rides along
-    # (download_video only attaches it for the provider's own origin).
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=True
-    ) as http:
+    async with download_client() as http:
         activities = RenderActivities(store, ProviderClient(settings), settings, http)
         worker = Worker(
             client,

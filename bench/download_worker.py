@@ -29,14 +29,13 @@ from temporalio.worker import (
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    import httpx
-
     from activities.render import RenderActivities
     from backend.database import JobStore, make_engine
     from backend.orchestration import connect
     from backend.provider import ProviderClient
     from backend.settings import Settings
     from bench.common import rss_kib
+    from worker import download_client, worker_options
     from workflows.payloads import DownloadedVideo, DownloadVideoInput
     from workflows.render_video import DOWNLOAD_RETRY, HEARTBEAT
 
@@ -103,10 +102,7 @@ async def serve() -> None:
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     client = await connect(settings)
     store = JobStore(make_engine(settings.resolved_database_url))
-    # The client options of worker.py's running_worker.
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=True
-    ) as http:
+    async with download_client() as http:
         acts = RenderActivities(store, ProviderClient(settings), settings, http)
         async with Worker(
             client,
@@ -114,7 +110,7 @@ async def serve() -> None:
             workflows=[BenchDownload],
             activities=[acts.download_video],
             interceptors=[_Timing(Path(os.environ["BENCH_TIMINGS"]))],
-            graceful_shutdown_timeout=timedelta(seconds=10),
+            **worker_options(settings),
         ):
             log.info("worker running on task queue %r", settings.task_queue)
             await stop.wait()

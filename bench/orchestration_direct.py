@@ -13,13 +13,13 @@ import json
 import sys
 import time
 
-import httpx
 from temporalio.testing import ActivityEnvironment
 
 from activities.render import RenderActivities
 from backend.database import JobStore, make_engine
 from backend.provider import ProviderClient
 from backend.settings import Settings
+from worker import download_client
 from workflows.payloads import (
     DownloadVideoInput,
     JobRef,
@@ -73,7 +73,7 @@ async def render(env: ActivityEnvironment, acts: RenderActivities, job_id: int) 
 async def main(job_ids: list[int]) -> None:
     settings = Settings(public_base_url=None)
     store = JobStore(make_engine(settings.resolved_database_url))
-    async with httpx.AsyncClient(timeout=60, follow_redirects=True) as http:
+    async with download_client() as http:
         acts = RenderActivities(store, ProviderClient(settings), settings, http)
         env = ActivityEnvironment()
         print("ready", flush=True)
