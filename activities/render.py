@@ -222,7 +222,13 @@ class RenderActivities:
             if adopted is not None:
                 return self._ref(adopted, adopted=True, webhook=bool(webhook))
 
-        entry_id = await self._db(self.store.record_intent, input.job_id, run_id, digest)
+        entry_id = await self._db(
+            self.store.record_intent,
+            input.job_id,
+            run_id,
+            digest,
+            workflow_id=activity.info().workflow_id,
+        )
         state = await self._provider_call(
             self.provider.create(
                 model_input,

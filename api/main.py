@@ -45,7 +45,7 @@ from backend.provider import TERMINAL, PredictionState, ProviderClient
 from backend.settings import Settings, get_settings
 from backend.storyboard import StoryboardError
 from workflows.payloads import PredictionWebhook
-from workflows.render_video import RenderVideo, workflow_id_for
+from workflows.render_video import RenderVideo
 
 log = logging.getLogger("api")
 
@@ -329,11 +329,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if state.status not in TERMINAL:
             # Only the final event matters to a run; earlier ones are acknowledged.
             return JSONResponse({"status": "ignored", "prediction_status": state.status})
-        target = job_id or await asyncio.to_thread(store.job_for_prediction, state.id)
-        if target is None:
+        owner = await asyncio.to_thread(store.prediction_owner, state.id)
+        if owner is None:
             # 404 makes Replicate retry: the run may not have recorded the prediction yet.
             return _error(404, f"No job knows prediction {state.id}")
-        handle = temporal.get_workflow_handle(workflow_id_for(target))
+        target = owner.job_id
+        handle = temporal.get_workflow_handle(owner.workflow_id)
         signal = PredictionWebhook(
             prediction_id=state.id,
             status=state.status,

@@ -13,7 +13,8 @@ from typing import Any
 from temporalio.client import Client
 
 from backend.database import ACTIVE, JobNotFound, JobStore
-from workflows.render_video import RenderVideo, workflow_id_for
+from workflows.payloads import workflow_id_for
+from workflows.render_video import RenderVideo
 
 log = logging.getLogger("api")
 

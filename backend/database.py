@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -24,6 +25,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from backend.settings import get_settings
 from backend.storyboard import NO_STORYBOARD, Storyboard
+from workflows.payloads import workflow_id_for
 
 
 class JobStatus(StrEnum):
@@ -86,6 +88,10 @@ class PredictionLedger(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(index=True)
+    # The workflow that waits on the prediction: its webhook is relayed there.
+    workflow_id: str | None = Field(default=None, max_length=200)
+    # The storyboard scene it renders (1-based); None when one prediction renders them all.
+    scene: int | None = None
     run_id: str = Field(index=True, max_length=64)
     input_digest: str = Field(max_length=64)
     # intent -> created | adopted; orphan_cancelled for extra ones found and cancelled.
@@ -103,6 +109,15 @@ class WebhookDelivery(SQLModel, table=True):
     webhook_id: str = Field(primary_key=True, max_length=200)
     prediction_id: str | None = Field(default=None, max_length=128)
     received_at: datetime = Field(default_factory=_now)
+
+
+@dataclass(frozen=True)
+class PredictionOwner:
+    """Who a prediction belongs to, as the ledger recorded it when it was created."""
+
+    job_id: int
+    workflow_id: str
+    scene: int | None = None
 
 
 class JobNotFound(LookupError):
@@ -415,9 +430,23 @@ class JobStore:
             rows = session.exec(query.order_by(PredictionLedger.id)).all()  # type: ignore[arg-type]
             return [row.model_dump() for row in rows]
 
-    def record_intent(self, job_id: int, run_id: str, input_digest: str) -> int:
+    def record_intent(
+        self,
+        job_id: int,
+        run_id: str,
+        input_digest: str,
+        *,
+        workflow_id: str | None = None,
+        scene: int | None = None,
+    ) -> int:
         with Session(self.engine) as session:
-            row = PredictionLedger(job_id=job_id, run_id=run_id, input_digest=input_digest)
+            row = PredictionLedger(
+                job_id=job_id,
+                run_id=run_id,
+                input_digest=input_digest,
+                workflow_id=workflow_id,
+                scene=scene,
+            )
             session.add(row)
             session.commit()
             session.refresh(row)
@@ -486,17 +515,26 @@ class JobStore:
             ).all()
             return {row for row in rows if row}
 
-    def job_for_prediction(self, prediction_id: str) -> int | None:
+    def prediction_owner(self, prediction_id: str) -> PredictionOwner | None:
+        """The job and workflow the ledger gave this prediction to; None if it knows none.
+
+        Only what was written when the prediction was created or adopted counts: a webhook
+        names a prediction, and this says whose it is.
+        """
         with Session(self.engine) as session:
             row = session.exec(
-                select(PredictionLedger.job_id).where(
-                    PredictionLedger.prediction_id == prediction_id
+                select(PredictionLedger).where(
+                    PredictionLedger.prediction_id == prediction_id,
+                    PredictionLedger.state.in_(("created", "adopted")),  # type: ignore[attr-defined]
                 )
             ).first()
-            if row is not None:
-                return row
-            job = session.exec(select(Job.id).where(Job.prediction_id == prediction_id)).first()
-            return job
+            if row is None:
+                return None
+            return PredictionOwner(
+                job_id=row.job_id,
+                workflow_id=row.workflow_id or workflow_id_for(row.job_id),
+                scene=row.scene,
+            )
 
     # -- webhooks --
 

@@ -30,8 +30,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from backend.database import ACTIVE, FINISHED, JobConflict, JobStatus, JobStore
 from backend.provider import ProviderClient
 from backend.settings import Settings
-from workflows.payloads import ApproveSignal, RenderVideoInput, RenderVideoResult
-from workflows.render_video import JOB_ID, RENDER_STAGE, RenderVideo, workflow_id_for
+from workflows.payloads import ApproveSignal, RenderVideoInput, RenderVideoResult, workflow_id_for
+from workflows.render_video import JOB_ID, RENDER_STAGE, RenderVideo
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from backend.cli import temporal_binary  # noqa: E402
 from local_replicate.config import ServerConfig  # noqa: E402
 from local_replicate.testing import RunningServer  # noqa: E402
-from workflows.render_video import SEARCH_ATTRIBUTES, RenderVideo, workflow_id_for  # noqa: E402
+from workflows.payloads import workflow_id_for  # noqa: E402
+from workflows.render_video import SEARCH_ATTRIBUTES, RenderVideo  # noqa: E402
 
 HISTORIES_DIR = TESTS_DIR / "histories"
 # Generous: every run here takes a few seconds; a hang must still end the script.

@@ -33,8 +33,8 @@ from temporalio.testing import WorkflowEnvironment
 from backend.cli import temporal_binary
 from backend.settings import Settings
 from local_replicate.testing import RunningServer
-from workflows.payloads import RenderVideoResult
-from workflows.render_video import RENDER_STAGE, workflow_id_for
+from workflows.payloads import RenderVideoResult, workflow_id_for
+from workflows.render_video import RENDER_STAGE
 
 SEED = int(os.environ.get("CRASH_SEED", random.SystemRandom().randrange(2**32)))
 

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def workflow_id_for(job_id: int) -> str:
+    """The id of a job's RenderVideo run: one per job, so a second approve joins the first."""
+    return f"render-video-{job_id}"
+
+
 @dataclass
 class RenderVideoInput:
     job_id: int

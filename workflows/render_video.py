@@ -93,10 +93,6 @@ PERSISTENT = RetryPolicy(
 HEARTBEAT = timedelta(seconds=5)
 
 
-def workflow_id_for(job_id: int) -> str:
-    return f"render-video-{job_id}"
-
-
 class RenderFailed(Exception):
     """A failure already explained in words fit for the job's `error_message`."""
 
