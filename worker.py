@@ -14,11 +14,17 @@ import httpx
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.render import RenderActivities
+from activities import all_activities
 from backend.database import JobStore, make_engine
-from backend.orchestration import connect, ensure_search_attributes, metrics_runtime
+from backend.orchestration import (
+    connect,
+    ensure_reconcile_schedule,
+    ensure_search_attributes,
+    metrics_runtime,
+)
 from backend.provider import ProviderClient
 from backend.settings import Settings, get_settings
+from workflows.reconcile import ReconcileJobs
 from workflows.render_video import RenderVideo
 
 log = logging.getLogger("worker")
@@ -43,12 +49,12 @@ async def running_worker(client: Client, settings: Settings) -> AsyncIterator[Wo
     """A started worker with real activities; shut down gracefully on exit."""
     store = JobStore(make_engine(settings.resolved_database_url))
     async with download_client() as http:
-        activities = RenderActivities(store, ProviderClient(settings), settings, http)
+        activities = all_activities(store, ProviderClient(settings), settings, http, client)
         worker = Worker(
             client,
             task_queue=settings.task_queue,
-            workflows=[RenderVideo],
-            activities=activities.all(),
+            workflows=[RenderVideo, ReconcileJobs],
+            activities=activities,
             **worker_options(settings),
         )
         async with worker:
@@ -62,6 +68,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     client = await connect(settings, runtime=metrics_runtime(settings))
     await ensure_search_attributes(client, settings)
+    await ensure_reconcile_schedule(client, settings)
     async with running_worker(client, settings):
         log.info(
             "worker running on task queue %r at %s", settings.task_queue, settings.temporal_address

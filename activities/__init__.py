@@ -1,0 +1,32 @@
+"""The activities, one class per concern: `jobs` (the job store), `predictions` (the provider,
+through the ledger), `media` (the job's files)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+
+from activities.jobs import JobActivities
+from activities.media import MediaActivities
+from activities.predictions import PredictionActivities
+from backend.database import JobStore
+from backend.provider import ProviderClient
+from backend.settings import Settings
+
+
+def all_activities(
+    store: JobStore,
+    provider: ProviderClient,
+    settings: Settings,
+    http: httpx.AsyncClient,
+    temporal: Client | None = None,
+) -> list[Callable[..., Any]]:
+    """Every activity, for registering on a worker."""
+    return [
+        *JobActivities(store, settings, temporal).all(),
+        *PredictionActivities(store, provider, settings).all(),
+        *MediaActivities(store, provider, settings, http).all(),
+    ]

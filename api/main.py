@@ -336,11 +336,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         target = owner.job_id
         handle = temporal.get_workflow_handle(owner.workflow_id)
         signal = PredictionWebhook(
-            prediction_id=state.id,
-            status=state.status,
-            output_url=state.output_url,
-            error=state.error,
-            webhook_id=webhook_id,
+            prediction_id=state.id, status=state.status, webhook_id=webhook_id
         )
         outcome = "signalled"
         try:

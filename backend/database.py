@@ -17,7 +17,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Column, Numeric, Text, bindparam, event, false, inspect, text
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Index,
+    Numeric,
+    Text,
+    bindparam,
+    event,
+    false,
+    inspect,
+    text,
+)
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
@@ -85,6 +96,16 @@ class PredictionLedger(SQLModel, table=True):
     """
 
     __tablename__ = "prediction_ledger"
+    # One open intent per input: see JobStore.claim_intent.
+    __table_args__ = (
+        Index(
+            "uq_prediction_ledger_open_intent",
+            "input_digest",
+            unique=True,
+            sqlite_where=text("state = 'intent'"),
+            postgresql_where=text("state = 'intent'"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(index=True)
@@ -94,7 +115,8 @@ class PredictionLedger(SQLModel, table=True):
     scene: int | None = None
     run_id: str = Field(index=True, max_length=64)
     input_digest: str = Field(max_length=64)
-    # intent -> created | adopted; orphan_cancelled for extra ones found and cancelled.
+    # intent -> created | adopted | not_created | abandoned; orphan_cancelled for extra ones
+    # found and cancelled.
     state: str = Field(default="intent", max_length=24)
     prediction_id: str | None = Field(default=None, unique=True, max_length=128)
     intent_at: datetime = Field(default_factory=_now)
@@ -159,6 +181,7 @@ def _create_schema(engine: Engine) -> None:
         try:
             SQLModel.metadata.create_all(engine)
             _add_missing_columns(engine)
+            _add_missing_indexes(engine)
             return
         except (OperationalError, ProgrammingError, IntegrityError):
             if attempt == 2:
@@ -184,6 +207,28 @@ def _add_missing_columns(engine: Engine) -> None:
                 conn.execute(
                     text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}')
                 )
+
+
+def _add_missing_indexes(engine: Engine) -> None:
+    # create_all makes indexes only with their tables. A store from an older release may hold
+    # several open intents for one input (each retry wrote its own): the newest stands, the
+    # older ones are closed, so the one-open-intent index can be made.
+    inspector = inspect(engine)
+    for table in SQLModel.metadata.sorted_tables:
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name in present:
+                continue
+            with engine.begin() as conn:
+                if index.name == "uq_prediction_ledger_open_intent":
+                    conn.execute(
+                        text(
+                            "UPDATE prediction_ledger SET state = 'abandoned' "
+                            "WHERE state = 'intent' AND id NOT IN (SELECT MAX(id) FROM "
+                            "prediction_ledger WHERE state = 'intent' GROUP BY input_digest)"
+                        )
+                    )
+                index.create(conn, checkfirst=True)
 
 
 def _utc_iso(moment: datetime) -> str:
@@ -300,8 +345,13 @@ class JobStore:
     def mark_rendering(
         self, job_id: int, workflow_id: str, *, review: bool = False
     ) -> dict[str, Any]:
-        """Marks the job as having a run (in review, or rendering) before that run starts."""
+        """Marks the job as having a run (in review, or rendering) before that run starts.
+
+        A job that completed meanwhile is left as it is (its row is returned unchanged).
+        """
         with self._job(job_id) as job:
+            if job.status == JobStatus.COMPLETED:
+                return job_to_dict(job)
             if job.status == JobStatus.IN_REVIEW and not review:
                 # Approving a job in review: the waiting run goes on.
                 job.status = JobStatus.RENDERING
@@ -386,6 +436,55 @@ class JobStore:
             if scenes_completed is not None:
                 job.scenes_completed = scenes_completed
 
+    def active_jobs(self, changed_before: datetime, limit: int) -> list[dict[str, Any]]:
+        """Jobs that say a run is going and have not changed since `changed_before`, oldest
+        change first."""
+        query = (
+            sa_select(_JOBS)
+            .where(_JOBS.c.status.in_([s.value for s in ACTIVE]))
+            .where(_JOBS.c.updated_at < changed_before)
+            .order_by(_JOBS.c.updated_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [job_to_dict(row) for row in conn.execute(query)]
+
+    def repair(
+        self,
+        job_id: int,
+        seen_updated_at: str,
+        *,
+        status: str,
+        message: str | None = None,
+        video_url: str | None = None,
+        actual_cost: Decimal | None = None,
+        over_budget: bool = False,
+    ) -> bool:
+        """Sets a job that still says a run is going to what its closed run ended as; False
+        (nothing written) when the job changed since it was read as `seen_updated_at`."""
+        with Session(self.engine) as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.status not in ACTIVE or _utc_iso(job.updated_at) != seen_updated_at:
+                return False
+            job.status = status
+            job.current_stage = status
+            if status == JobStatus.COMPLETED:
+                job.video_url = video_url
+                job.actual_cost = actual_cost
+                job.over_budget = over_budget
+                job.scenes_completed = job.scenes_total
+                job.error_message = None
+                job.progress_message = "Video ready"
+            else:
+                job.error_message = message
+                job.progress_message = message or status
+            job.updated_at = _now()
+            session.add(job)
+            session.commit()
+            return True
+
     def set_download_retries(self, job_id: int, retries: int) -> None:
         with self._job(job_id) as job:
             job.download_retries = retries
@@ -439,6 +538,8 @@ class JobStore:
         workflow_id: str | None = None,
         scene: int | None = None,
     ) -> int:
+        """Writes an open intent; raises IntegrityError if another intent for the same input is
+        still open (`claim_intent` is the way to wait for it)."""
         with Session(self.engine) as session:
             row = PredictionLedger(
                 job_id=job_id,
@@ -453,21 +554,86 @@ class JobStore:
             assert row.id is not None
             return row.id
 
-    def record_prediction(self, entry_id: int, prediction_id: str, state: str) -> bool:
-        """Ties a created or adopted prediction to its intent (and to the job).
+    def claim_intent(
+        self,
+        job_id: int,
+        run_id: str,
+        input_digest: str,
+        *,
+        workflow_id: str | None = None,
+        scene: int | None = None,
+    ) -> dict[str, Any]:
+        """The one open intent for this input: this run's own (made now if there is none), or
+        another run's, which this run must wait for (compare `run_id`).
 
-        False when another intent already claimed that prediction.
+        At most one intent per input digest is open at a time (a partial unique index): while
+        it is, only its run can have created a prediction with that input that the ledger does
+        not hold yet, so such a prediction has exactly one possible owner.
         """
+        for _ in range(3):
+            held = self._open_intent(input_digest)
+            if held is not None:
+                return held
+            with Session(self.engine) as session:
+                session.add(
+                    PredictionLedger(
+                        job_id=job_id,
+                        run_id=run_id,
+                        input_digest=input_digest,
+                        workflow_id=workflow_id,
+                        scene=scene,
+                    )
+                )
+                if _commit_unless_duplicate(session):
+                    continue  # read back what was written (or what won a race)
+        raise RuntimeError(f"Could not claim the intent for input {input_digest[:12]}")
+
+    def _open_intent(self, input_digest: str) -> dict[str, Any] | None:
         with Session(self.engine) as session:
+            row = session.exec(
+                select(PredictionLedger).where(
+                    PredictionLedger.input_digest == input_digest,
+                    PredictionLedger.state == "intent",
+                )
+            ).first()
+            return row.model_dump() if row is not None else None
+
+    def touch_intent(self, entry_id: int) -> None:
+        """Marks an open intent as in use by an attempt about to call the provider."""
+        with Session(self.engine) as session:
+            row = session.get(PredictionLedger, entry_id, with_for_update=True)
+            if row is not None:
+                row.updated_at = _now()
+                session.add(row)
+                session.commit()
+
+    def close_intent(self, entry_id: int, state: str) -> None:
+        """Closes an intent that holds no prediction: `not_created` (the provider refused the
+        create) or `abandoned` (its run is gone and the provider shows nothing it made)."""
+        with Session(self.engine) as session:
+            row = session.get(PredictionLedger, entry_id, with_for_update=True)
+            if row is None or row.state != "intent":
+                return
+            row.state = state
+            row.updated_at = _now()
+            session.add(row)
+            session.commit()
+
+    def record_prediction(self, entry_id: int, prediction_id: str, state: str) -> bool:
+        """Ties a created or adopted prediction to its intent (and to the job), closing it.
+
+        False (and nothing written) when another entry already holds that prediction.
+        """
+        with Session(self.engine) as session, session.no_autoflush:
             row = session.get(PredictionLedger, entry_id, with_for_update=True)
             if row is None:
                 raise LookupError(f"Ledger entry {entry_id} not found")
+            job = session.get(Job, row.job_id, with_for_update=True)
             row.prediction_id = prediction_id
             row.state = state
             row.updated_at = _now()
             session.add(row)
-            job = session.get(Job, row.job_id, with_for_update=True)
-            if job is not None:
+            if job is not None and row.scene is None:
                 job.prediction_id = prediction_id
                 job.updated_at = _now()
                 session.add(job)
@@ -491,15 +657,27 @@ class JobStore:
             session.commit()
             return True
 
-    def record_orphan(self, job_id: int, run_id: str, prediction_id: str, digest: str) -> None:
+    def record_orphan(
+        self,
+        job_id: int,
+        run_id: str,
+        prediction_id: str,
+        digest: str,
+        *,
+        state: str = "orphan_cancelled",
+        scene: int | None = None,
+    ) -> None:
+        """An extra prediction a run made unseen: `orphan_cancelled` when it was cancelled,
+        `orphan_finished` when it had already ended."""
         with Session(self.engine) as session:
             session.add(
                 PredictionLedger(
                     job_id=job_id,
                     run_id=run_id,
                     input_digest=digest,
-                    state="orphan_cancelled",
+                    state=state,
                     prediction_id=prediction_id,
+                    scene=scene,
                 )
             )
             _commit_unless_duplicate(session)  # already recorded: nothing to add

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -13,6 +14,14 @@ from temporalio.api.operatorservice.v1 import (
 )
 from temporalio.client import (
     Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleState,
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
@@ -29,8 +38,17 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from backend.database import ACTIVE, FINISHED, JobConflict, JobStatus, JobStore
 from backend.provider import ProviderClient
+from backend.reconcile import repair_job
 from backend.settings import Settings
-from workflows.payloads import ApproveSignal, RenderVideoInput, RenderVideoResult, workflow_id_for
+from workflows.payloads import (
+    ApproveSignal,
+    ReconcileInput,
+    RenderVideoInput,
+    RenderVideoResult,
+    ReviewSignal,
+    workflow_id_for,
+)
+from workflows.reconcile import ReconcileJobs
 from workflows.render_video import JOB_ID, RENDER_STAGE, RenderVideo
 
 log = logging.getLogger(__name__)
@@ -109,9 +127,11 @@ async def start_render(
 ) -> str:
     """Starts the job's run, or signals the run already going; returns the workflow id.
 
-    Approving (review=False) is a signal-with-start of `approve`: a run waiting in review
-    is approved, a running one is left alone, and otherwise a new run starts. Submitting
-    for review (review=True) starts a run that validates and then waits for that signal.
+    Both are a signal-with-start: approving sends `approve` (a run waiting in review is
+    approved, a running one is left alone, otherwise a new run starts); submitting for review
+    sends `review` to a run that validates and then waits for `approve`. The row is marked
+    first and the signal follows, so a run that is closing when the request lands sees it and
+    writes the job's final status again after it (see RenderVideo._close_failed).
     Never starts a second billed render: one workflow id per job, a completed job is left
     alone, and only a failed, cancelled or expired job may run again.
     """
@@ -123,7 +143,12 @@ async def start_render(
         raise JobConflict(f"Job {job_id} is already rendering; it is past review")
     previous = job["status"], job["workflow_id"], job["approved"]
     # Marked before the start so a run that ends at once cannot be overwritten afterwards.
-    await asyncio.to_thread(store.mark_rendering, job_id, workflow_id, review=review)
+    marked = await asyncio.to_thread(store.mark_rendering, job_id, workflow_id, review=review)
+    if marked["status"] == JobStatus.COMPLETED:
+        return workflow_id  # its run completed in the meantime: nothing to start
+    signal: tuple[str, Any] = (
+        ("review", ReviewSignal()) if review else ("approve", ApproveSignal(approved_by))
+    )
     options: dict[str, Any] = {
         "id": workflow_id,
         "task_queue": settings.task_queue,
@@ -132,10 +157,9 @@ async def start_render(
         "static_summary": f"Render job {job_id} into a video"
         + (" (after review)" if review else ""),
         "static_details": f"Job {job_id}: `GET /api/v2/jobs/{job_id}` on the API",
+        "start_signal": signal[0],
+        "start_signal_args": [signal[1]],
     }
-    if not review:
-        options["start_signal"] = "approve"
-        options["start_signal_args"] = [ApproveSignal(approved_by=approved_by)]
     try:
         await _start(client, render_input(settings, job_id, review=review), job_id, options)
     except WorkflowAlreadyStartedError as exc:
@@ -196,21 +220,25 @@ async def cancel_render(
         raise NothingToCancel(f"Job {job_id} is {status}: no render is running to cancel")
     workflow_id = job["workflow_id"] or workflow_id_for(job_id)
     handle = client.get_workflow_handle(workflow_id)
+    unavailable = "Temporal is unavailable; the render was not cancelled, try again shortly"
+    closed: WorkflowExecutionStatus | None = None
     try:
         description = await handle.describe()
         if description.status == WorkflowExecutionStatus.RUNNING:
             await handle.cancel()
             return {"status": "cancelling", "job_id": job_id, "workflow_id": workflow_id}
+        closed = description.status
     except RPCError as exc:
         if exc.status != RPCStatusCode.NOT_FOUND:
             log.warning("Could not cancel %s: %s", workflow_id, exc)
-            raise TemporalUnavailable(
-                "Temporal is unavailable; the render was not cancelled, try again shortly"
-            ) from exc
+            raise TemporalUnavailable(unavailable) from exc
     except RuntimeError as exc:
-        raise TemporalUnavailable(
-            "Temporal is unavailable; the render was not cancelled, try again shortly"
-        ) from exc
+        raise TemporalUnavailable(unavailable) from exc
+    if closed is not None and closed != WorkflowExecutionStatus.TERMINATED:
+        # The run ended on its own and the job was not told yet: it says so now.
+        await repair_job(client, store, job)
+        now = (await asyncio.to_thread(store.get, job_id))["status"]
+        raise NothingToCancel(f"Job {job_id}'s render already ended; the job is {now}")
     # No run is going (it was terminated, or never reached Temporal): nobody else will stop
     # its prediction or close the job row.
     if provider is not None and job["prediction_id"]:
@@ -222,6 +250,36 @@ async def cancel_render(
         store.fail, job_id, "Render cancelled (no run was going)", status=JobStatus.CANCELLED
     )
     return {"status": "cancelled", "job_id": job_id, "workflow_id": workflow_id}
+
+
+async def ensure_reconcile_schedule(client: Client, settings: Settings) -> None:
+    """The Temporal Schedule that runs ReconcileJobs every RECONCILE_INTERVAL_SECONDS (one per
+    task queue; every worker makes sure it exists, the first one creates it)."""
+    if settings.reconcile_interval_seconds <= 0:
+        return
+    schedule_id = f"reconcile-jobs-{settings.task_queue}"
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            ReconcileJobs.run,
+            ReconcileInput(grace_seconds=settings.reconcile_grace_seconds),
+            id=schedule_id,
+            task_queue=settings.task_queue,
+        ),
+        spec=ScheduleSpec(
+            intervals=[
+                ScheduleIntervalSpec(every=timedelta(seconds=settings.reconcile_interval_seconds))
+            ]
+        ),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        state=ScheduleState(note="Repairs jobs whose status disagrees with their workflow"),
+    )
+    try:
+        await client.create_schedule(schedule_id, schedule)
+        log.info("Created schedule %s", schedule_id)
+    except ScheduleAlreadyRunningError:
+        pass
+    except RPCError as exc:
+        log.warning("Could not create the reconcile schedule %s: %s", schedule_id, exc)
 
 
 async def _revert(

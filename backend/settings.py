@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     # off when unset.
     worker_metrics_address: str | None = None
 
+    # The safety net: a Temporal Schedule runs ReconcileJobs this often (0: no schedule), and
+    # it repairs jobs whose run closed but whose status was not changed for this long.
+    reconcile_interval_seconds: float = Field(default=60.0, ge=0)
+    reconcile_grace_seconds: float = Field(default=60.0, ge=0)
+
     price_per_image: Decimal = Decimal("0.003")
     price_per_video_second: Decimal = Decimal("0.10")
     max_video_bytes: int = 2 * 1024**3

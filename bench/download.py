@@ -28,7 +28,7 @@ import av
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
-from activities.render import probe_video
+from activities.media import probe_video
 from backend.database import JobStore, make_engine
 from workflows.payloads import DownloadedVideo, DownloadVideoInput
 

@@ -29,7 +29,7 @@ from temporalio.worker import (
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from activities.render import RenderActivities
+    from activities.media import MediaActivities
     from backend.database import JobStore, make_engine
     from backend.orchestration import connect
     from backend.provider import ProviderClient
@@ -49,7 +49,7 @@ class BenchDownload:
     async def run(self, input: DownloadVideoInput) -> DownloadedVideo:
         # The options RenderVideo's download step uses.
         return await workflow.execute_activity_method(
-            RenderActivities.download_video,
+            MediaActivities.download_video,
             input,
             start_to_close_timeout=timedelta(minutes=30),
             heartbeat_timeout=HEARTBEAT,
@@ -103,7 +103,7 @@ async def serve() -> None:
     client = await connect(settings)
     store = JobStore(make_engine(settings.resolved_database_url))
     async with download_client() as http:
-        acts = RenderActivities(store, ProviderClient(settings), settings, http)
+        acts = MediaActivities(store, ProviderClient(settings), settings, http)
         async with Worker(
             client,
             task_queue=settings.task_queue,

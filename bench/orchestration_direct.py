@@ -12,10 +12,13 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 from temporalio.testing import ActivityEnvironment
 
-from activities.render import RenderActivities
+from activities.jobs import JobActivities
+from activities.media import MediaActivities
+from activities.predictions import PredictionActivities
 from backend.database import JobStore, make_engine
 from backend.provider import ProviderClient
 from backend.settings import Settings
@@ -33,12 +36,19 @@ from workflows.payloads import (
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
 
 
-async def render(env: ActivityEnvironment, acts: RenderActivities, job_id: int) -> float:
+@dataclass
+class Acts:
+    jobs: JobActivities
+    predictions: PredictionActivities
+    media: MediaActivities
+
+
+async def render(env: ActivityEnvironment, acts: Acts, job_id: int) -> float:
     t0 = time.perf_counter()
-    summary = await env.run(acts.validate_storyboard, ValidateStoryboardInput(job_id=job_id))
-    images = await env.run(acts.extract_images, JobRef(job_id))
+    summary = await env.run(acts.jobs.validate_storyboard, ValidateStoryboardInput(job_id=job_id))
+    images = await env.run(acts.jobs.extract_images, JobRef(job_id))
     ref = await env.run(
-        acts.start_prediction,
+        acts.predictions.start_prediction,
         StartPredictionInput(
             job_id=job_id,
             image_urls=images.image_urls,
@@ -48,19 +58,22 @@ async def render(env: ActivityEnvironment, acts: RenderActivities, job_id: int) 
     )
     # No webhook here: read the prediction until it is done (the render takes milliseconds).
     while True:
-        state = await acts.provider.get(ref.prediction_id)
+        state = await acts.predictions.provider.get(ref.prediction_id)
         if state.status in TERMINAL:
             break
         await asyncio.sleep(0.002)
     outcome = await env.run(
-        acts.poll_prediction, PollPredictionInput(job_id=job_id, prediction_id=ref.prediction_id)
+        acts.predictions.poll_prediction,
+        PollPredictionInput(job_id=job_id, prediction_id=ref.prediction_id),
     )
     downloaded = await env.run(
-        acts.download_video, DownloadVideoInput(job_id=job_id, url=outcome.output_url or "")
+        acts.media.download_video, DownloadVideoInput(job_id=job_id, url=outcome.output_url or "")
     )
-    video = await env.run(acts.verify_video, VerifyVideoInput(job_id=job_id, path=downloaded.path))
+    video = await env.run(
+        acts.media.verify_video, VerifyVideoInput(job_id=job_id, path=downloaded.path)
+    )
     await env.run(
-        acts.record_cost,
+        acts.jobs.record_cost,
         RecordCostInput(
             job_id=job_id,
             image_count=summary.scenes_total,
@@ -74,7 +87,12 @@ async def main(job_ids: list[int]) -> None:
     settings = Settings(public_base_url=None)
     store = JobStore(make_engine(settings.resolved_database_url))
     async with download_client() as http:
-        acts = RenderActivities(store, ProviderClient(settings), settings, http)
+        provider = ProviderClient(settings)
+        acts = Acts(
+            JobActivities(store, settings),
+            PredictionActivities(store, provider, settings),
+            MediaActivities(store, provider, settings, http),
+        )
         env = ActivityEnvironment()
         print("ready", flush=True)
         sys.stdin.readline()  # the caller starts its CPU meter, then says go

@@ -12,7 +12,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.render import InvalidVideo, RenderActivities, probe_video
+from activities.media import InvalidVideo, MediaActivities, probe_video
 from backend.database import JobStore, make_engine
 from backend.provider import ProviderClient
 from backend.settings import Settings
@@ -51,7 +51,7 @@ async def run_download(settings: Settings, url: str, job_id: int) -> Path:
     store = JobStore(make_engine(f"sqlite:///{settings.data_dir / 'jobs.db'}"))
     created = store.create()
     async with httpx.AsyncClient() as http:
-        activities = RenderActivities(store, ProviderClient(settings), settings, http)
+        activities = MediaActivities(store, ProviderClient(settings), settings, http)
         result = await ActivityEnvironment().run(
             activities.download_video, DownloadVideoInput(job_id=created, url=url)
         )
@@ -80,7 +80,7 @@ async def test_token_goes_only_to_the_provider_origin(
 
 async def test_only_http_urls_are_downloaded(tmp_path: Path) -> None:
     settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
-    with pytest.raises(ApplicationError, match="non-http") as caught:
+    with pytest.raises(ApplicationError, match="not http") as caught:
         await run_download(settings, "file:///etc/passwd", 1)
     assert caught.value.non_retryable
 

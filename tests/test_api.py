@@ -176,6 +176,7 @@ async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
             assert view["status"] == "rendering" and view["live"] is None
 
             # A genuine webhook is refused with 503, so Replicate retries it later.
+            store.record_prediction(store.record_intent(job_id, "run-1", "d"), "p1", "created")
             body = json.dumps({"id": "p1", "status": "succeeded", "output": "http://a/v.mp4"})
             stamp = int(time.time())
             headers = {

@@ -9,13 +9,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy
 from fixtures_images import png_data_url
 from temporalio.testing import ActivityEnvironment
 
-from activities.render import RenderActivities
+from activities.jobs import JobActivities
+from activities.predictions import PredictionActivities
 from backend.database import JobStore, make_engine
 from backend.provider import ProviderClient
 from backend.settings import Settings
@@ -28,7 +28,8 @@ RUN_ID = "run-under-test"
 @dataclasses.dataclass
 class Bench:
     store: JobStore
-    acts: RenderActivities
+    acts: PredictionActivities
+    jobs: JobActivities
     env: ActivityEnvironment
     renderer: RunningServer
     provider: ProviderClient
@@ -39,7 +40,7 @@ class Bench:
         )
 
     def model_input(self, job_id: int) -> dict[str, Any]:
-        return self.acts._model_input(self.request(job_id))
+        return self.acts.model_input(self.request(job_id))
 
     async def start(self, job_id: int) -> Any:
         return await self.env.run(self.acts.start_prediction, self.request(job_id))
@@ -54,10 +55,14 @@ async def bench(renderer: RunningServer, tmp_path: Path) -> AsyncIterator[Bench]
     provider = ProviderClient(settings)
     env = ActivityEnvironment()
     env.info = dataclasses.replace(env.info, workflow_run_id=RUN_ID)
-    async with httpx.AsyncClient() as http:
-        yield Bench(
-            store, RenderActivities(store, provider, settings, http), env, renderer, provider
-        )
+    yield Bench(
+        store,
+        PredictionActivities(store, provider, settings),
+        JobActivities(store, settings),
+        env,
+        renderer,
+        provider,
+    )
 
 
 async def test_first_start_records_intent_then_prediction(bench: Bench) -> None:
@@ -82,7 +87,7 @@ async def test_unrecorded_create_is_found_adopted_and_extras_cancelled(bench: Be
     # Two creates went through but their answers were lost (a worker killed twice).
     bench.renderer.add_fault("slow_render", times=2, delay=30)
     job_id = bench.store.create()
-    digest = bench.acts._digest(bench.model_input(job_id))
+    digest = bench.acts.digest(bench.model_input(job_id))
     bench.store.record_intent(job_id, RUN_ID, digest)
     older = await bench.provider.create(bench.model_input(job_id))
     newer = await bench.provider.create(bench.model_input(job_id))
@@ -100,7 +105,7 @@ async def test_unrecorded_create_is_found_adopted_and_extras_cancelled(bench: Be
 
 async def test_intent_whose_create_never_landed_creates_once(bench: Bench) -> None:
     job_id = bench.store.create()
-    bench.store.record_intent(job_id, RUN_ID, bench.acts._digest(bench.model_input(job_id)))
+    bench.store.record_intent(job_id, RUN_ID, bench.acts.digest(bench.model_input(job_id)))
     ref = await bench.start(job_id)
     assert ref.adopted is False
     assert bench.renderer.stats()["creates"] == 1
@@ -112,7 +117,7 @@ async def test_another_jobs_prediction_is_never_adopted(bench: Bench) -> None:
     first_job = bench.store.create()
     first = await bench.start(first_job)
     second_job = bench.store.create()
-    bench.store.record_intent(second_job, RUN_ID, bench.acts._digest(bench.model_input(second_job)))
+    bench.store.record_intent(second_job, RUN_ID, bench.acts.digest(bench.model_input(second_job)))
     ref = await bench.start(second_job)
     assert ref.prediction_id != first.prediction_id
     assert bench.renderer.stats()["creates"] == 2
@@ -122,7 +127,7 @@ async def test_another_jobs_prediction_is_never_adopted(bench: Bench) -> None:
 async def test_cancel_also_finds_a_prediction_whose_id_never_came_back(bench: Bench) -> None:
     bench.renderer.add_fault("slow_render", delay=30)
     job_id = bench.store.create()
-    bench.store.record_intent(job_id, RUN_ID, bench.acts._digest(bench.model_input(job_id)))
+    bench.store.record_intent(job_id, RUN_ID, bench.acts.digest(bench.model_input(job_id)))
     lost = await bench.provider.create(bench.model_input(job_id))
     result = await bench.env.run(
         bench.acts.cancel_prediction, CancelPredictionInput(job_id=job_id, prediction_id=None)
@@ -134,7 +139,7 @@ async def test_cancel_also_finds_a_prediction_whose_id_never_came_back(bench: Be
 async def test_cost_over_the_budget_is_recorded_and_flagged(bench: Bench) -> None:
     job_id = bench.store.create(max_cost=Decimal("0.50"))
     record = await bench.env.run(
-        bench.acts.record_cost,
+        bench.jobs.record_cost,
         RecordCostInput(job_id=job_id, image_count=5, duration_seconds=10.0, max_cost="0.50"),
     )
     assert record.actual_cost == "1.02" and record.over_budget is True

@@ -26,7 +26,7 @@ from temporalio.workflow import NondeterminismError
 with workflow.unsafe.imports_passed_through():
     import pytest
 
-    from activities.render import RenderActivities
+    from activities.jobs import JobActivities
     from workflows.payloads import JobRef, RenderVideoInput, RenderVideoResult
     from workflows.render_video import WORKFLOW_NAME, RenderVideo
 
@@ -128,7 +128,7 @@ class ReorderedRenderVideo(RenderVideo):
 
     async def _render(self, input: RenderVideoInput) -> RenderVideoResult:
         await workflow.execute_activity_method(
-            RenderActivities.extract_images,
+            JobActivities.extract_images,
             JobRef(input.job_id),
             start_to_close_timeout=timedelta(seconds=30),
         )

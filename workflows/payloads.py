@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# The RenderVideo workflow's type name, as the history and visibility queries show it.
+RENDER_WORKFLOW = "RenderVideo"
+
 
 def workflow_id_for(job_id: int) -> str:
     """The id of a job's RenderVideo run: one per job, so a second approve joins the first."""
@@ -47,12 +50,12 @@ class ApprovalResult:
 
 @dataclass
 class PredictionWebhook:
-    """A verified `completed` webhook from Replicate, relayed by the API as a signal."""
+    """A verified webhook from Replicate, relayed by the API as a signal. It only wakes the
+    run: the run reads the prediction's status and output from the provider itself."""
 
     prediction_id: str
-    status: str
-    output_url: str | None = None
-    error: str | None = None
+    # What the webhook said; a hint, never acted on.
+    status: str | None = None
     webhook_id: str | None = None
 
 
@@ -227,3 +230,25 @@ class JobClosed:
     job_id: int
     status: str
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReviewSignal:
+    """Sent when a job is submitted for review; the run that is starting (or already going)
+    counts it, so it can tell that the job store was changed for it."""
+
+    requested_by: str | None = None
+
+
+@dataclass
+class ReconcileInput:
+    # Jobs changed more recently than this may still have a run on its way: left alone.
+    grace_seconds: float = 60.0
+    # At most this many jobs are looked at per pass.
+    limit: int = 500
+
+
+@dataclass
+class ReconcileResult:
+    checked: int
+    repaired: list[str] = field(default_factory=list)

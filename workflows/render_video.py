@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
@@ -24,8 +26,11 @@ from temporalio.workflow import ActivityCancellationType
 # Passed through: plain dataclasses, the same in and out of the sandbox, so they are not
 # built again for every run (a profile showed that was a tenth of the worker's CPU).
 with workflow.unsafe.imports_passed_through():
-    from activities.render import RenderActivities
+    from activities.jobs import JobActivities
+    from activities.media import MediaActivities
+    from activities.predictions import PredictionActivities
     from workflows.payloads import (
+        RENDER_WORKFLOW,
         ApprovalResult,
         ApproveRenderInput,
         ApproveSignal,
@@ -42,13 +47,16 @@ with workflow.unsafe.imports_passed_through():
         RenderProgress,
         RenderVideoInput,
         RenderVideoResult,
+        ReviewSignal,
         StartPredictionInput,
         StoryboardSummary,
         ValidateStoryboardInput,
         VerifyVideoInput,
     )
 
-WORKFLOW_NAME = "RenderVideo"
+T = TypeVar("T")
+
+WORKFLOW_NAME = RENDER_WORKFLOW
 
 # Find a job's runs with `temporal workflow list -q "JobId = '12'"`, or by stage.
 JOB_ID = SearchAttributeKey.for_keyword("JobId")
@@ -58,7 +66,32 @@ SEARCH_ATTRIBUTES = (JOB_ID, RENDER_STAGE)
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 # Validation and bad-input errors carry these types; retrying them cannot help.
-NON_RETRYABLE = ["StoryboardInvalid", "JobNotFound", "InvalidVideo", "VideoTooLarge", "BadRequest"]
+NON_RETRYABLE = [
+    "StoryboardInvalid",
+    "JobNotFound",
+    "InvalidVideo",
+    "VideoTooLarge",
+    "VideoGone",
+    "BadRequest",
+    "OutputNotWritable",
+    "LedgerConflict",
+]
+# Failures our activities word for users; anything else is described by its step alone.
+OUR_ERRORS = frozenset(
+    [
+        *NON_RETRYABLE,
+        "ProviderUnavailable",
+        "ProviderThrottled",
+        "DownloadFailed",
+        "StorageError",
+        "SameInputInFlight",
+        "RenderFailed",
+        "ReviewExpired",
+    ]
+)
+# A webhook wakes the run to read the prediction; after this many wake-ups that found it
+# still running, webhooks for it are not believed any more and polling decides.
+MAX_WAKEUPS = 3
 
 QUICK = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -67,14 +100,16 @@ QUICK = RetryPolicy(
     maximum_attempts=5,
     non_retryable_error_types=NON_RETRYABLE,
 )
-# Throttling (429) and provider outages pass within minutes; a bad request fails at once.
+# Throttling (429, waited out as long as the provider says), provider outages and another
+# job's create of the same input pass within minutes (bounded by CREATE_WINDOW); a bad request
+# fails at once.
 PROVIDER_CREATE = RetryPolicy(
     initial_interval=timedelta(seconds=5),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=60),
-    maximum_attempts=6,
     non_retryable_error_types=NON_RETRYABLE,
 )
+CREATE_WINDOW = timedelta(minutes=15)
 # The seed's download retries: 3 attempts, 30 s then 90 s apart.
 DOWNLOAD_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=30),
@@ -113,7 +148,12 @@ class RenderVideo:
         self._validation_error: str | None = None
         self._prediction_id: str | None = None
         self._prediction_requested = False
-        self._webhooks: dict[str, PredictionWebhook] = {}
+        # Approve and review requests received: each one was preceded by the API changing
+        # the job's row for this run, so a run that closes must write the row after the last.
+        self._requests = 0
+        # Predictions a webhook woke us for, not yet read; wake-ups read per prediction.
+        self._woken: set[str] = set()
+        self._wakeups: dict[str, int] = {}
         self._progress = RenderProgress(
             job_id=input.job_id, stage="queued", message="Waiting for a worker"
         )
@@ -123,10 +163,16 @@ class RenderVideo:
     @workflow.signal(name="approve")
     async def approve(self, input: ApproveSignal | None = None) -> None:
         """Approves a run waiting in review; harmless at any other time."""
+        self._requests += 1
         if not self._approved:
             self._approved = True
             by = input.approved_by if input else None
             self._approved_by = None if by is None else str(by)[:200]
+
+    @workflow.signal(name="review")
+    async def review(self, input: ReviewSignal | None = None) -> None:
+        """Sent with the start of a run for review; counted like an approval request."""
+        self._requests += 1
 
     @workflow.update(name="approve_render")
     async def approve_render(self, input: ApproveRenderInput) -> ApprovalResult:
@@ -152,9 +198,10 @@ class RenderVideo:
 
     @workflow.signal(name="prediction_finished")
     async def prediction_finished(self, input: PredictionWebhook) -> None:
-        """Replicate's `completed` webhook, verified and relayed by the API. Repeats and
-        late arrivals change nothing: the first word on each prediction stands."""
-        self._webhooks.setdefault(input.prediction_id, input)
+        """A verified webhook, relayed by the API: a wake-up call, not the truth. The run
+        reads the prediction from the provider before it believes anything."""
+        if input.prediction_id == self._prediction_id or self._prediction_id is None:
+            self._woken.add(input.prediction_id)
 
     @workflow.query(name="progress")
     def progress(self) -> RenderProgress:
@@ -182,12 +229,11 @@ class RenderVideo:
             raise ApplicationError(message, type=kind, non_retryable=True) from None
 
     async def _render(self, input: RenderVideoInput) -> RenderVideoResult:
-        acts = RenderActivities
         job_id = input.job_id
         self._stage("validating", "Validating storyboard...")
         try:
             summary = await workflow.execute_activity_method(
-                acts.validate_storyboard,
+                JobActivities.validate_storyboard,
                 ValidateStoryboardInput(job_id=job_id, require_approval=not input.review),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=QUICK,
@@ -214,7 +260,7 @@ class RenderVideo:
             await self._await_approval(input)
 
         images = await workflow.execute_activity_method(
-            acts.extract_images,
+            JobActivities.extract_images,
             JobRef(job_id),
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=QUICK,
@@ -224,7 +270,7 @@ class RenderVideo:
         self._stage("starting", f"Starting a prediction for {len(images.image_urls)} images")
         self._prediction_requested = True
         prediction = await workflow.execute_activity_method(
-            acts.start_prediction,
+            PredictionActivities.start_prediction,
             StartPredictionInput(
                 job_id=job_id,
                 image_urls=images.image_urls,
@@ -232,6 +278,7 @@ class RenderVideo:
                 prompt=images.prompt,
             ),
             start_to_close_timeout=timedelta(minutes=2),
+            schedule_to_close_timeout=CREATE_WINDOW,
             heartbeat_timeout=HEARTBEAT,
             retry_policy=PROVIDER_CREATE,
             # A cancel lets the create finish or fail first, so the sweep sees its result.
@@ -256,7 +303,7 @@ class RenderVideo:
 
         self._stage("downloading", "Downloading video...")
         downloaded = await workflow.execute_activity_method(
-            acts.download_video,
+            MediaActivities.download_video,
             DownloadVideoInput(job_id=job_id, url=outcome.output_url),
             start_to_close_timeout=timedelta(minutes=30),
             heartbeat_timeout=HEARTBEAT,
@@ -267,23 +314,28 @@ class RenderVideo:
         )
         self._stage("verifying", "Verifying video...")
         video = await workflow.execute_activity_method(
-            acts.verify_video,
+            MediaActivities.verify_video,
             VerifyVideoInput(job_id=job_id, path=downloaded.path),
             start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=HEARTBEAT,
             retry_policy=QUICK,
             summary=f"Verify the MP4 of job {job_id}",
         )
-        cost = await workflow.execute_activity_method(
-            acts.record_cost,
-            RecordCostInput(
-                job_id=job_id,
-                image_count=summary.scenes_total,
-                duration_seconds=video.duration_seconds,
-                max_cost=summary.max_cost,
-            ),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=PERSISTENT,
-            summary=f"Record the cost of job {job_id}",
+        # The commit point: once the cost is being written the job completes, and a cancel
+        # that arrives now is too late (the job store and the run must tell the same story).
+        cost = await _uncancellable(
+            workflow.execute_activity_method(
+                JobActivities.record_cost,
+                RecordCostInput(
+                    job_id=job_id,
+                    image_count=summary.scenes_total,
+                    duration_seconds=video.duration_seconds,
+                    max_cost=summary.max_cost,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=PERSISTENT,
+                summary=f"Record the cost of job {job_id}",
+            )
         )
         self._progress.scenes_completed = summary.scenes_total
         self._stage(
@@ -324,7 +376,7 @@ class RenderVideo:
         by = f" by {self._approved_by}" if self._approved_by else ""
         self._stage("approved", f"Approved{by}")
         await workflow.execute_activity_method(
-            RenderActivities.record_approval,
+            JobActivities.record_approval,
             RecordApprovalInput(job_id=input.job_id, approved_by=self._approved_by),
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=PERSISTENT,
@@ -334,6 +386,11 @@ class RenderVideo:
     async def _wait_for_prediction(
         self, input: RenderVideoInput, prediction: PredictionRef, started_at: datetime
     ) -> PredictionOutcome:
+        """Until the provider says the prediction has ended, or the render timeout passes.
+
+        A webhook wakes the run early: it then reads the prediction once (the provider's word,
+        not the webhook's, decides). Without a webhook it polls.
+        """
         prediction_id = prediction.prediction_id
         if prediction.status in TERMINAL:
             return PredictionOutcome(
@@ -344,70 +401,86 @@ class RenderVideo:
             )
         deadline = started_at + timedelta(seconds=input.render_timeout_seconds)
 
-        def heard() -> bool:
-            return prediction_id in self._webhooks
+        def woken() -> bool:
+            return (
+                prediction_id in self._woken and self._wakeups.get(prediction_id, 0) < MAX_WAKEUPS
+            )
 
         if prediction.webhook:
             self._stage("rendering", "Rendering video from images... (waiting for the webhook)")
-            wait = min(timedelta(seconds=input.webhook_wait_seconds), deadline - workflow.now())
-            try:
-                await workflow.wait_condition(
-                    heard, timeout=max(wait, timedelta(seconds=1)), timeout_summary="webhook wait"
-                )
-            except TimeoutError:
-                workflow.logger.info("No webhook for %s yet; polling instead", prediction_id)
-            if heard():
-                return self._from_webhook(prediction_id)
+            webhook_deadline = min(
+                workflow.now() + timedelta(seconds=input.webhook_wait_seconds), deadline
+            )
+            while (wait := webhook_deadline - workflow.now()) > timedelta(0):
+                try:
+                    await workflow.wait_condition(
+                        woken, timeout=max(wait, timedelta(seconds=1)), timeout_summary="webhook"
+                    )
+                except TimeoutError:
+                    workflow.logger.info("No webhook for %s yet; polling instead", prediction_id)
+                    break
+                outcome = await self._read_prediction(input.job_id, prediction_id)
+                if outcome.status in TERMINAL:
+                    return outcome
+                if not woken() and self._wakeups[prediction_id] >= MAX_WAKEUPS:
+                    break
 
         # Polling is the retry policy of one activity: each "still running" is a failed
         # attempt that the server retries after the poll interval, so the history stays
         # the same size however long the render takes. A webhook that arrives meanwhile
-        # still wins.
-        remaining = deadline - workflow.now()
+        # wakes the run to read the prediction at once.
         interval = timedelta(seconds=input.poll_interval_seconds)
         self._stage("rendering", "Rendering video from images... (polling)")
-        poll = workflow.start_activity_method(
-            RenderActivities.poll_prediction,
-            PollPredictionInput(job_id=input.job_id, prediction_id=prediction_id),
-            schedule_to_close_timeout=max(remaining, timedelta(seconds=1)),
-            start_to_close_timeout=timedelta(seconds=60),
-            heartbeat_timeout=HEARTBEAT,
-            retry_policy=RetryPolicy(
-                initial_interval=interval,
-                backoff_coefficient=1.0,
-                maximum_interval=interval,
-                non_retryable_error_types=NON_RETRYABLE,
-            ),
-            summary=f"Poll prediction {prediction_id} every {_duration(interval.total_seconds())}",
-        )
-        try:
-            await workflow.wait_condition(lambda: poll.done() or heard())
-        finally:
-            # A webhook won, or the run itself is being cancelled: stop polling either way.
-            if not poll.done():
-                poll.cancel()
-        if heard():
+        while True:
+            remaining = deadline - workflow.now()
+            poll = workflow.start_activity_method(
+                PredictionActivities.poll_prediction,
+                PollPredictionInput(job_id=input.job_id, prediction_id=prediction_id),
+                schedule_to_close_timeout=max(remaining, timedelta(seconds=1)),
+                start_to_close_timeout=timedelta(seconds=60),
+                heartbeat_timeout=HEARTBEAT,
+                retry_policy=RetryPolicy(
+                    initial_interval=interval,
+                    backoff_coefficient=1.0,
+                    maximum_interval=interval,
+                    non_retryable_error_types=NON_RETRYABLE,
+                ),
+                summary=f"Poll prediction {prediction_id} every "
+                f"{_duration(interval.total_seconds())}",
+            )
+            try:
+                await workflow.wait_condition(lambda poll=poll: poll.done() or woken())
+            finally:
+                # A webhook came, or the run itself is being cancelled: stop polling either way.
+                if not poll.done():
+                    poll.cancel()
+            if poll.done() and not poll.cancelled():
+                try:
+                    return poll.result()
+                except ActivityError as err:
+                    if not _is_schedule_to_close_timeout(err):
+                        raise
+                await self._cancel_prediction(input.job_id, prediction_id)
+                raise RenderFailed(
+                    f"Render timed out after {_duration(input.render_timeout_seconds)}; "
+                    f"prediction {prediction_id} was cancelled"
+                )
             with contextlib.suppress(ActivityError):
                 await poll  # settles the cancelled poll
-            return self._from_webhook(prediction_id)
-        try:
-            return await poll
-        except ActivityError as err:
-            if not _is_schedule_to_close_timeout(err):
-                raise
-        await self._cancel_prediction(input.job_id, prediction_id)
-        raise RenderFailed(
-            f"Render timed out after {_duration(input.render_timeout_seconds)}; "
-            f"prediction {prediction_id} was cancelled"
-        )
+            outcome = await self._read_prediction(input.job_id, prediction_id)
+            if outcome.status in TERMINAL:
+                return outcome
 
-    def _from_webhook(self, prediction_id: str) -> PredictionOutcome:
-        hook = self._webhooks[prediction_id]
-        return PredictionOutcome(
-            prediction_id=prediction_id,
-            status=hook.status,
-            output_url=hook.output_url,
-            error=hook.error,
+    async def _read_prediction(self, job_id: int, prediction_id: str) -> PredictionOutcome:
+        self._woken.discard(prediction_id)
+        self._wakeups[prediction_id] = self._wakeups.get(prediction_id, 0) + 1
+        return await workflow.execute_activity_method(
+            PredictionActivities.get_prediction,
+            PollPredictionInput(job_id=job_id, prediction_id=prediction_id),
+            start_to_close_timeout=timedelta(seconds=60),
+            heartbeat_timeout=HEARTBEAT,
+            retry_policy=QUICK,
+            summary=f"Read prediction {prediction_id} (a webhook said it changed)",
         )
 
     def _stage(self, stage: str, message: str) -> None:
@@ -423,7 +496,7 @@ class RenderVideo:
 
     async def _cancel_prediction(self, job_id: int, prediction_id: str | None) -> None:
         await workflow.execute_activity_method(
-            RenderActivities.cancel_prediction,
+            PredictionActivities.cancel_prediction,
             CancelPredictionInput(job_id=job_id, prediction_id=prediction_id),
             start_to_close_timeout=timedelta(minutes=2),
             heartbeat_timeout=HEARTBEAT,
@@ -432,21 +505,41 @@ class RenderVideo:
         )
 
     async def _close_failed(self, job_id: int, message: str, status: str) -> None:
+        """Cancels what was started and writes the job's final status. Nothing interrupts it
+        (a cancel arriving now is too late), and it writes the status again for every
+        approve or review request that changed the job's row meanwhile: a run that is
+        closing takes requests too, and the job must end saying what the run ended as."""
         if status == "cancelled" and self._prediction_requested:
             # Also finds a prediction whose create went through but whose id never came back.
             try:
-                await self._cancel_prediction(job_id, self._prediction_id)
+                await _uncancellable(self._cancel_prediction(job_id, self._prediction_id))
             except ActivityError:
                 workflow.logger.warning("Could not cancel the prediction of job %s", job_id)
-        await workflow.execute_activity_method(
-            RenderActivities.mark_job_failed,
-            MarkJobFailedInput(job_id=job_id, message=message, status=status),
-            start_to_close_timeout=timedelta(seconds=30),
-            schedule_to_close_timeout=timedelta(days=1),
-            retry_policy=PERSISTENT,
-            summary=f"Mark job {job_id} {status}",
-        )
+        written = -1
+        while written != self._requests:
+            written = self._requests
+            await _uncancellable(
+                workflow.execute_activity_method(
+                    JobActivities.mark_job_failed,
+                    MarkJobFailedInput(job_id=job_id, message=message, status=status),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=timedelta(days=1),
+                    retry_policy=PERSISTENT,
+                    summary=f"Mark job {job_id} {status}",
+                )
+            )
         self._stage(status, message)
+
+
+async def _uncancellable(work: Awaitable[T]) -> T:
+    """Awaits `work` to its end even if the run is cancelled meanwhile."""
+    task = asyncio.ensure_future(work)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                return task.result()
 
 
 def _is_schedule_to_close_timeout(err: ActivityError) -> bool:
@@ -465,7 +558,11 @@ def _explain(err: BaseException) -> str:
     if isinstance(err, ActivityError):
         cause = err.cause
         if isinstance(cause, ApplicationError):
-            return cause.message
+            if cause.type in OUR_ERRORS:
+                return cause.message
+            # An unexpected error's text may name files or objects on a server: the step and
+            # the kind of error are what a user can act on (the worker's log has the rest).
+            return f"Step {err.activity_type} failed ({cause.type or 'unexpected error'})"
         if isinstance(cause, TemporalTimeoutError):
             kind = cause.type.name.lower() if cause.type else "timeout"
             return f"Step {err.activity_type} timed out ({kind})"
