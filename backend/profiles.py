@@ -564,7 +564,7 @@ def scene_input(
     ):
         if value:
             if not field:
-                raise ProfileError(f"{profile.name} takes no {what} in its profile")
+                raise ProfileError(f"The profile of {profile.name} has no field for {what}")
             model_input[field] = value
     return model_input
 
