@@ -28,6 +28,9 @@ def make_settings(data_dir: Path, temporal_address: str, provider: str, **extra:
         "task_queue": f"render-{uuid.uuid4().hex[:8]}",
         "replicate_base_url": provider,
         "poll_interval_seconds": 0.2,
+        # One reconcile schedule per test's task queue would outlive the test's worker; the
+        # tests of the reconciler turn it on.
+        "reconcile_interval_seconds": 0,
     }
     values.update(extra)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

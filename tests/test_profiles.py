@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from activities.render import RenderActivities
+from activities.predictions import PredictionActivities
 from backend.model_schemas import UnknownSchema, available_models, load_schema
 from backend.profiles import (
     BUILTIN_PROFILES,
@@ -108,14 +108,14 @@ def test_slideshow_storyboard_input_validates_and_joins_prompts() -> None:
 
 def test_slideshow_input_and_digest_match_todays_activity() -> None:
     # The ledger matches predictions by digest: rows written before profiles must still match.
-    legacy = RenderActivities(None, None, settings(), None)  # type: ignore[arg-type]
+    legacy = PredictionActivities(None, None, settings())  # type: ignore[arg-type]
     board = Storyboard.parse(
         [
             {"image_url": "https://a/1.png", "prompt": "one", "duration_seconds": 1.5},
             {"image_url": "https://a/2.png", "prompt": "two"},
         ]
     )
-    today = legacy._model_input(
+    today = legacy.model_input(
         StartPredictionInput(
             job_id=1,
             image_urls=["https://a/1.png", "https://a/2.png"],
@@ -125,7 +125,7 @@ def test_slideshow_input_and_digest_match_todays_activity() -> None:
     )
     slideshow = profile("local/slideshow")
     assert storyboard_input(slideshow, board.scenes) == today
-    assert input_digest(slideshow, today) == legacy._digest(today)
+    assert input_digest(slideshow, today) == legacy.digest(today)
 
 
 def test_digest_is_canonical_and_ignores_the_version() -> None:
