@@ -58,6 +58,8 @@ async def running_worker(client: Client, settings: Settings) -> AsyncIterator[Wo
             **worker_options(settings),
         )
         async with worker:
+            # Once something runs its workflow: the safety net for job/workflow agreement.
+            await ensure_reconcile_schedule(client, settings)
             yield worker
 
 
@@ -68,7 +70,6 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     client = await connect(settings, runtime=metrics_runtime(settings))
     await ensure_search_attributes(client, settings)
-    await ensure_reconcile_schedule(client, settings)
     async with running_worker(client, settings):
         log.info(
             "worker running on task queue %r at %s", settings.task_queue, settings.temporal_address

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,13 @@ from workflows.payloads import DownloadedVideo, DownloadVideoInput, VerifyVideoI
 CHUNK = 4 * 1024 * 1024
 MP4_MAGIC = b"ftyp"
 DOWNLOAD_ATTEMPTS = 3
+# The seed's backoff after a failed transfer: 30 s, then 90 s.
+DOWNLOAD_BACKOFF = (timedelta(seconds=30), timedelta(seconds=90))
+
+
+def download_retry_delay(attempt: int) -> timedelta:
+    """How long a failed transfer waits before attempt `attempt + 1`."""
+    return DOWNLOAD_BACKOFF[min(attempt, len(DOWNLOAD_BACKOFF)) - 1]
 
 
 class MediaActivities:
@@ -86,11 +94,19 @@ class MediaActivities:
         try:
             size = await heartbeating(self._stream_to(input.url, headers, partial, limit))
             os.replace(partial, final)
+        except ApplicationError as exc:
+            if exc.non_retryable:
+                raise
+            raise ApplicationError(
+                exc.message, type=exc.type, next_retry_delay=download_retry_delay(attempt)
+            ) from exc
         except OSError as exc:
             # A disk that is full or a folder that cannot be written: retried like a failed
             # transfer, and said without the server's paths.
             raise ApplicationError(
-                f"Could not store the video ({short_reason(exc)})", type="StorageError"
+                f"Could not store the video ({short_reason(exc)})",
+                type="StorageError",
+                next_retry_delay=download_retry_delay(attempt),
             ) from exc
         finally:
             partial.unlink(missing_ok=True)

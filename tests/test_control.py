@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import av
 import pytest
 from support import Stack, running_stack
 from temporalio.api.enums.v1 import EventType
@@ -21,6 +22,7 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from backend.cli import temporal_binary
+from backend.provider import ProviderClient
 from local_replicate.config import DEFAULT_WEBHOOK_SECRET
 from local_replicate.testing import RunningServer
 from local_replicate.webhooks import sign
@@ -201,6 +203,46 @@ async def test_forged_or_stale_webhooks_get_401_and_change_nothing(hooked: Stack
     job = await hooked.wait_closed(job_id)
     assert job["status"] == "completed"
     assert hooked.store.get(job_id)["video_url"] == f"/api/videos/{job_id}/data"
+
+
+async def test_a_forged_webhook_signed_with_the_real_secret_cannot_finish_a_job(
+    hooked: Stack,
+) -> None:
+    """Whoever holds the signing secret can send a `succeeded` webhook naming another job's
+    video as the output. The run only wakes up: it reads the prediction from the provider,
+    finds it still rendering, and later downloads what the provider itself returned."""
+    donor = await hooked.create_job(hooked.sample_scenes(count=1, seconds=1))
+    await hooked.api.post(f"/api/v2/jobs/{donor}/approve")
+    assert (await hooked.wait_closed(donor))["status"] == "completed"
+
+    hooked.renderer.add_fault("slow_render", delay=4.0)
+    job_id = await hooked.create_job(hooked.sample_scenes(count=2, seconds=1))
+    await hooked.api.post(f"/api/v2/jobs/{job_id}/approve")
+    prediction_id = await eventually(
+        lambda: hooked.store.get(job_id)["prediction_id"], what="the prediction id"
+    )
+    secret = await ProviderClient(hooked.settings).webhook_secret()
+    base = str(hooked.api.base_url).rstrip("/")
+    forged = json.dumps(
+        {"id": prediction_id, "status": "succeeded", "output": f"{base}/api/videos/{donor}/data"}
+    )
+    response = await hooked.api.post(
+        "/api/v2/webhooks/replicate", content=forged, headers=signed_headers(forged, secret=secret)
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "signalled"
+
+    job = await hooked.wait_closed(job_id)
+    assert job["status"] == "completed", job["error_message"]
+    own = hooked.settings.video_path(job_id).read_bytes()
+    assert own != hooked.settings.video_path(donor).read_bytes()
+    with av.open(str(hooked.settings.video_path(job_id))) as container:
+        assert abs(container.duration / 1_000_000 - 2.0) <= 0.1  # its own 2 scenes, not 1
+    stats = hooked.renderer.stats()
+    assert stats["predictions"][prediction_id] == "succeeded"
+    assert prediction_id not in stats["cancelled_ids"]
+    # Each wake-up was checked with the provider: the forged one and the real one.
+    assert (await scheduled(hooked, job_id)).count("get_prediction") == 2
 
 
 async def test_repeated_or_late_webhook_is_harmless(hooked: Stack) -> None:

@@ -12,6 +12,7 @@ The kill points are drawn from a seeded `random.Random`: the seed is printed wit
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
     )
     if settings.public_base_url:
         env["PUBLIC_BASE_URL"] = settings.public_base_url
+    if settings.model_extra_input:
+        env["MODEL_EXTRA_INPUT"] = json.dumps(settings.model_extra_input)
     return env
 
 
@@ -211,6 +215,31 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(every)
+
+
+async def assert_moves_within(
+    stack: Stack, job_id: int, since: float, within: float = 30.0
+) -> float:
+    """The job's run goes on within `within` seconds of `since` (a worker being back): an
+    activity starts, or the run closes. Returns how long it took."""
+    handle = stack.temporal.get_workflow_handle(workflow_id_for(job_id))
+
+    async def moved() -> bool:
+        description = await handle.describe()
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            return True
+        for pending in description.raw_description.pending_activities:
+            started = pending.last_started_time
+            if pending.HasField("last_started_time") and started.seconds + 1 >= since:
+                return True
+        changed = stack.store.get(job_id)["updated_at"]
+        return changed > datetime.fromtimestamp(since, UTC).isoformat()
+
+    while not await moved():
+        took = time.time() - since
+        assert took < within, f"job {job_id} did not move for {took:.1f} s after a worker was back"
+        await asyncio.sleep(0.2)
+    return time.time() - since
 
 
 def crash_rng(name: str) -> random.Random:
@@ -351,6 +380,7 @@ async def test_worker_killed_while_waiting_for_the_prediction_restarts_to_one_pr
     first.kill()
 
     await workers.start()
+    await assert_moves_within(stack, job_id, time.time())
     result = await wait_result(stack, job_id, within=90)
 
     job = await assert_db_agrees_with_temporal(stack, job_id, result)
@@ -391,8 +421,10 @@ async def test_worker_killed_while_downloading_restarts_without_partial_files(
     assert part.exists()
     assert not stack.settings.video_path(job_id).exists()
 
-    # download_video's retry policy waits 30 s after the heartbeat timeout before retrying.
+    # An attempt lost with its worker is retried at once, not after the 30 s backoff of a
+    # failed transfer.
     await workers.start()
+    await assert_moves_within(stack, job_id, time.time())
     result = await wait_result(stack, job_id, within=120)
 
     job = await assert_db_agrees_with_temporal(stack, job_id, result)
@@ -430,12 +462,99 @@ async def test_worker_killed_during_create_call_adopts_the_prediction_instead_of
     [created] = stack.renderer.stats()["predictions"]
 
     await workers.start()
+    await assert_moves_within(stack, job_id, time.time())
     result = await wait_result(stack, job_id, within=90)
 
     await assert_db_agrees_with_temporal(stack, job_id, result)
     # The retried start_prediction adopted the unrecorded prediction: no second create.
     assert assert_one_prediction(stack, job_id, "adopted") == created == result.prediction_id
     assert_clean_video(stack, job_id, seconds=2.0)
+
+
+async def test_identical_storyboards_killed_during_create_bill_one_prediction_each(
+    crash_stack: Stack, workers: Workers
+) -> None:
+    """Two jobs with the same storyboard, so the same prediction input. Job A's create goes
+    through at the provider but its worker is killed before the answer; then job B is
+    approved. B must not create while A's prediction is unrecorded (it could be taken for
+    B's), and A must adopt its own: two predictions for two jobs, none cancelled."""
+    stack = crash_stack
+    rng = crash_rng("identical")
+    scenes = stack.sample_scenes(count=2, seconds=1.0)
+    # Both creates answer slowly, so B's prediction (if B were let create) would still be
+    # unrecorded when A's retry searches for its own.
+    stack.renderer.add_fault("slow_create", times=2, delay=15)
+    first = await workers.start()
+    job_a = await approve(stack, scenes)
+    await wait_until(lambda: stack.renderer.stats()["creates"] == 1, 60, "A's create call")
+    await asyncio.sleep(rng.uniform(0.5, 2.5))
+    first.kill()
+    [created_for_a] = stack.renderer.stats()["predictions"]
+    job_b = await approve(stack, scenes)
+
+    await workers.start()
+    await assert_moves_within(stack, job_a, time.time())
+    result_a = await wait_result(stack, job_a, within=120)
+    result_b = await wait_result(stack, job_b, within=120)
+
+    await assert_db_agrees_with_temporal(stack, job_a, result_a)
+    await assert_db_agrees_with_temporal(stack, job_b, result_b)
+    assert result_a.prediction_id == created_for_a
+    assert result_b.prediction_id != created_for_a
+    stats = stack.renderer.stats()
+    assert stats["creates"] == 2, stats
+    assert stats["cancels"] == 0, stats
+    assert set(stats["predictions"].values()) == {"succeeded"}, stats
+    ledger_a = [(row["prediction_id"], row["state"]) for row in stack.store.ledger(job_a)]
+    ledger_b = [(row["prediction_id"], row["state"]) for row in stack.store.ledger(job_b)]
+    assert ledger_a == [(created_for_a, "adopted")]
+    assert ledger_b == [(result_b.prediction_id, "created")]
+    assert_clean_video(stack, job_a, seconds=2.0)
+    assert_clean_video(stack, job_b, seconds=2.0)
+
+
+async def test_worker_killed_while_verifying_goes_on_within_seconds(
+    temporal_env: WorkflowEnvironment,
+    renderer: RunningServer,
+    tmp_path: Path,
+    jobs_db: str,
+) -> None:
+    """verify_video decodes every frame; a worker killed in the middle must not leave the job
+    waiting for the step's whole start-to-close timeout (10 minutes)."""
+    # A minute of 1080p at 60 fps: seconds of decoding, a window the kill can land in.
+    big = {"width": 1920, "height": 1080, "fps": 60}
+    async with running_stack(
+        temporal_env,
+        renderer,
+        tmp_path,
+        worker=False,
+        database_url=jobs_db,
+        model_extra_input=big,
+    ) as stack:
+        pool = Workers(stack.settings, tmp_path)
+        try:
+            first = await pool.start()
+            job_id = await approve(stack, stack.sample_scenes(count=6, seconds=10.0))
+            await wait_until(
+                lambda: stack.store.get(job_id)["progress"]["current_stage"] == "verifying",
+                180,
+                "verification to start",
+                every=0.02,
+            )
+            first.kill()
+            handle = stack.temporal.get_workflow_handle(workflow_id_for(job_id))
+            pending = (await handle.describe()).raw_description.pending_activities
+            # The kill landed inside the step.
+            assert [p.activity_type.name for p in pending] == ["verify_video"]
+
+            await pool.start()
+            took = await assert_moves_within(stack, job_id, time.time())
+            print(f"the job moved {took:.1f} s after the new worker was up")
+            result = await wait_result(stack, job_id, within=120)
+            await assert_db_agrees_with_temporal(stack, job_id, result)
+            assert_clean_video(stack, job_id, seconds=60.0)
+        finally:
+            pool.stop_all()
 
 
 async def test_temporal_server_restarted_mid_render_job_completes_and_clients_reconnect(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from support import Stack
+from temporalio.api.enums.v1 import EventType
 
 from backend.orchestration import start_render
 
@@ -72,6 +73,7 @@ async def test_broken_outputs_are_rejected(stack: Stack, fault: str, expected: s
     job = await render_and_wait(stack, stack.sample_scenes(2))
     assert job["status"] == "failed"
     assert expected in job["error_message"]
+    assert_user_facing(job["error_message"], stack)
     assert not Path(stack.settings.data_dir, "videos", str(job["id"]), "final.mp4").exists()
     served = await stack.api.get(f"/api/videos/{job['id']}/data")
     assert served.status_code == 404
@@ -88,11 +90,55 @@ async def test_oversized_video_fails_without_retry(stack: Stack) -> None:
     assert leftovers == []
 
 
-async def test_rate_limited_create_is_retried(stack: Stack) -> None:
-    stack.renderer.add_fault("rate_limit", times=1)
+async def test_rate_limited_create_waits_for_the_reset_it_names(stack: Stack) -> None:
+    detail = "Request was throttled. Your rate limit resets in ~8s."
+    stack.renderer.add_fault("rate_limit", times=1, detail=detail)
     job = await render_and_wait(stack, stack.sample_scenes(1))
     assert job["status"] == "completed", job["error_message"]
-    assert stack.renderer.stats()["creates"] >= 2
+    assert stack.renderer.stats()["creates"] == 2
+    history = await stack.temporal.get_workflow_handle(f"render-video-{job['id']}").fetch_history()
+    [scheduled] = [
+        e
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "start_prediction"
+    ]
+    [started] = [
+        e
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+        and e.activity_task_started_event_attributes.scheduled_event_id == scheduled.event_id
+    ]
+    assert started.activity_task_started_event_attributes.attempt == 2
+    assert "HTTP 429" in started.activity_task_started_event_attributes.last_failure.message
+    # The second attempt came no sooner than the provider said the limit resets.
+    gap = started.event_time.ToDatetime() - scheduled.event_time.ToDatetime()
+    assert gap.total_seconds() >= 8
+
+
+async def test_a_video_folder_that_cannot_be_written_fails_before_any_prediction(
+    stack: Stack,
+) -> None:
+    job_id = await stack.create_job(stack.sample_scenes(1))
+    # A directory where the video must go: the render would be paid for and then lost.
+    stack.settings.video_path(job_id).mkdir(parents=True)
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "failed"
+    assert job["error_message"].startswith(
+        "The job's video cannot be stored: its final.mp4 is not a file; no prediction was created"
+    )
+    # Cleanup could not remove it either: said, not retried for a day.
+    assert "cleanup failed: could not remove final.mp4" in job["error_message"]
+    assert_user_facing(job["error_message"], stack)
+    assert stack.renderer.stats()["creates"] == 0
+
+
+def assert_user_facing(message: str, stack: Stack) -> None:
+    """A job's error names no file on the server and no Python object."""
+    assert str(stack.settings.data_dir) not in message
+    assert "/tmp" not in message and " object at 0x" not in message
+    assert "Errno" not in message and "Traceback" not in message
 
 
 async def test_failed_job_can_be_rendered_again(stack: Stack) -> None:

@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.media import download_retry_delay
 from backend.orchestration import start_render
 from local_replicate.testing import RunningServer
 from workflows.payloads import (
@@ -107,7 +108,8 @@ async def test_render_timeout_cancels_the_prediction(skipping_stack: Stack) -> N
     assert stats["predictions"][job["prediction_id"]] == "canceled"
 
 
-# The workflow's own logic, with activity doubles: exact retry spacing of download_video.
+# The workflow's own logic, with activity doubles: the retry policy honours the backoff a failed
+# transfer asks for, and stops after the seed's three attempts.
 
 download_attempts: list[datetime] = []
 
@@ -134,9 +136,13 @@ async def poll_double(input: PollPredictionInput) -> PredictionOutcome:
 
 @activity.defn(name="download_video")
 async def download_double(input: DownloadVideoInput) -> DownloadedVideo:
+    attempt = activity.info().attempt
     download_attempts.append(activity.info().current_attempt_scheduled_time)
-    if activity.info().attempt < 3:
-        raise ApplicationError("HTTP 500", type="DownloadFailed")
+    if attempt < 3:
+        # As the real activity fails a transfer: asking for the seed's backoff.
+        raise ApplicationError(
+            "HTTP 500", type="DownloadFailed", next_retry_delay=download_retry_delay(attempt)
+        )
     return DownloadedVideo(path="/tmp/v.mp4", size_bytes=1, attempt=3)
 
 

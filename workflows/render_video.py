@@ -110,11 +110,12 @@ PROVIDER_CREATE = RetryPolicy(
     non_retryable_error_types=NON_RETRYABLE,
 )
 CREATE_WINDOW = timedelta(minutes=15)
-# The seed's download retries: 3 attempts, 30 s then 90 s apart.
+# The seed's download retries: 3 attempts. A failed transfer waits 30 s, then 90 s (the
+# activity asks for those delays with its error); an attempt lost with its worker (a heartbeat
+# timeout) is retried at once, so a crash does not wait out a backoff meant for a flaky CDN.
 DOWNLOAD_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=30),
-    backoff_coefficient=3.0,
-    maximum_interval=timedelta(seconds=90),
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=1.0,
     maximum_attempts=3,
     non_retryable_error_types=NON_RETRYABLE,
 )
