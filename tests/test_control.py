@@ -676,6 +676,22 @@ async def test_job_within_budget_renders_and_reports_it(stack: Stack) -> None:
     assert view["max_cost"] == 5.0 and view["over_budget"] is False
 
 
+async def test_a_cost_exactly_at_the_budget_renders_and_is_not_over_it(stack: Stack) -> None:
+    # 5 images x 0.9 s: estimate 5 x $0.003 + 4.5 s x $0.10 = $0.465 -> $0.47 (half-up), and
+    # the budget is exactly that: not exceeded, so it renders, and the cost is not "over".
+    scenes = stack.sample_scenes(count=5, seconds=0.9)
+    created = await stack.api.post("/api/v2/jobs", json={"storyboard": scenes, "max_cost": 0.47})
+    job_id = created.json()["job_id"]
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    job = await stack.wait_closed(job_id)
+    assert job["status"] == "completed", job["error_message"]
+    assert job["estimated_cost"] == 0.47
+    assert job["actual_cost"] == 0.47
+    assert job["over_budget"] is False
+    view = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+    assert (view["actual_cost"], view["max_cost"], view["over_budget"]) == (0.47, 0.47, False)
+
+
 @pytest.mark.parametrize("max_cost", [0, -1, "lots", 0.001, 10_000_000])
 async def test_bad_budgets_are_422(stack: Stack, max_cost: Any) -> None:
     response = await stack.api.post("/api/v2/jobs", json={"max_cost": max_cost})

@@ -18,7 +18,19 @@ def test_seed_cost_example() -> None:
 
 @pytest.mark.parametrize(
     ("images", "seconds", "cost"),
-    [(0, 0, "0.00"), (1, 0, "0.00"), (2, 0, "0.01"), (5, 10.0, "1.02"), (3, 4.5, "0.46")],
+    [
+        (0, 0, "0.00"),
+        (1, 0, "0.00"),
+        (2, 0, "0.01"),
+        (5, 10.0, "1.02"),
+        (3, 4.5, "0.46"),
+        # Ties beyond the seed's example round half-up too: $0.465 -> $0.47, $0.025 -> $0.03.
+        (5, 4.5, "0.47"),
+        (5, 0.1, "0.03"),
+        (15, 1.5, "0.20"),
+        # Float-looking seconds are taken as written, not as their binary approximation.
+        (1, 0.145, "0.02"),
+    ],
 )
 def test_cost_rounds_half_up_to_cents(images: int, seconds: float, cost: str) -> None:
     assert render_cost(images, seconds) == Decimal(cost)
