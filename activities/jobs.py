@@ -13,22 +13,25 @@ from temporalio import activity
 from temporalio.client import Client
 
 from activities.common import fatal, in_thread, short_reason
-from backend.cost import render_cost
 from backend.database import JobStatus, JobStore
+from backend.planning import PlanError, clip_name, plan_units
+from backend.profiles import billed_cost, profile_for
 from backend.reconcile import repair_job, running_workflow_ids
 from backend.settings import Settings
 from backend.storyboard import NO_STORYBOARD, NOT_APPROVED, Storyboard, StoryboardError
 from workflows.payloads import (
     ApprovalRecorded,
     CostRecord,
-    ExtractedImages,
     JobClosed,
-    JobRef,
     MarkJobFailedInput,
     ReconcileInput,
     ReconcileResult,
     RecordApprovalInput,
     RecordCostInput,
+    RecordSceneInput,
+    RenderPlan,
+    RenderPlanInput,
+    ScenePlan,
     StoryboardSummary,
     ValidateStoryboardInput,
 )
@@ -45,12 +48,15 @@ class JobActivities:
         self.store = store
         self.settings = settings
         self.temporal = temporal
+        # Fails at worker start, not mid-render, when REPLICATE_MODEL has no profile.
+        self.profile = profile_for(settings)
 
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.validate_storyboard,
             self.record_approval,
-            self.extract_images,
+            self.plan_render,
+            self.record_scene,
             self.record_cost,
             self.mark_job_failed,
             self.reconcile_jobs,
@@ -76,12 +82,14 @@ class JobActivities:
         # Before anything is billed: a video that could not be stored would be paid for
         # and lost.
         await in_thread(self._check_output_writable, input.job_id)
-        estimate = render_cost(
-            len(storyboard.scenes),
-            Decimal(str(round(storyboard.total_seconds, 3))),
-            price_per_image=self.settings.price_per_image,
-            price_per_second=self.settings.price_per_video_second,
-        )
+        units = await in_thread(self._plan, input.job_id, storyboard, input.rerender)
+        planned = [unit for unit in units if unit.clip is None]
+        renders = sum((Decimal(unit.billed_seconds) for unit in planned), Decimal(0))
+        job = await in_thread(self.store.get, input.job_id)
+        spent = Decimal(str(job["billed_seconds"] or 0))
+        # What the job will have cost: its images, and every second billed for it so far or
+        # about to be.
+        estimate = billed_cost(self.profile, len(storyboard.scenes), spent + renders, self.settings)
         job = await in_thread(self.store.set_estimate, input.job_id, estimate)
         max_cost = job["max_cost"]
         return StoryboardSummary(
@@ -89,6 +97,72 @@ class JobActivities:
             planned_seconds=storyboard.total_seconds,
             estimated_cost=str(estimate),
             max_cost=f"{Decimal(str(max_cost)):.2f}" if max_cost is not None else None,
+            renders=len(planned),
+            billed_seconds=str(renders),
+        )
+
+    def _plan(self, job_id: int, storyboard: Storyboard, rerender: bool) -> list[ScenePlan]:
+        scenes = self.settings.scenes_dir(job_id)
+        try:
+            return plan_units(
+                storyboard,
+                self.profile,
+                self.settings,
+                self.store.scenes(job_id),
+                lambda name: (scenes / name).is_file(),
+                rerender=rerender,
+            )
+        except PlanError as exc:
+            raise fatal(str(exc), "StoryboardInvalid") from exc
+
+    @activity.defn
+    async def plan_render(self, input: RenderPlanInput) -> RenderPlan:
+        """The predictions this run makes: one per scene whose clip is missing or out of date
+        (every scene with `rerender`), or one for a whole-storyboard model. Scenes whose clip
+        is kept count as done."""
+        storyboard = await self._storyboard(input.job_id)
+        units = await in_thread(self._plan, input.job_id, storyboard, input.rerender)
+        digests = {number: unit.digest for unit in units for number in unit.covers}
+        kept = {number for unit in units if unit.clip for number in unit.covers}
+        await in_thread(self.store.plan_scenes, input.job_id, digests, kept)
+        await in_thread(self._drop_stale_clips, input.job_id, units)
+        todo = sum(1 for unit in units if unit.clip is None)
+        await in_thread(
+            self.store.progress,
+            input.job_id,
+            "planned",
+            f"{todo} prediction{'s' if todo != 1 else ''} to render; "
+            f"{len(kept)} of {len(storyboard.scenes)} scenes kept",
+            scenes_total=len(storyboard.scenes),
+            scenes_completed=len(kept),
+        )
+        return RenderPlan(
+            units=units,
+            scenes_total=len(storyboard.scenes),
+            still_image=self.profile.still_image,
+        )
+
+    def _drop_stale_clips(self, job_id: int, units: list[ScenePlan]) -> None:
+        # A clip made from an input the storyboard no longer has will never be used again.
+        current = {clip_name(unit.number, unit.digest) for unit in units}
+        folder = self.settings.scenes_dir(job_id)
+        if not folder.is_dir():
+            return
+        for path in folder.iterdir():
+            if path.is_file() and not path.name.startswith(".") and path.name not in current:
+                path.unlink(missing_ok=True)
+
+    @activity.defn
+    async def record_scene(self, input: RecordSceneInput) -> None:
+        await in_thread(
+            self.store.record_scene,
+            input.job_id,
+            input.covers or [input.number],
+            input.status,
+            prediction_id=input.prediction_id,
+            billed_seconds=Decimal(input.billed_seconds) if input.billed_seconds else None,
+            clip=input.clip,
+            error=input.error,
         )
 
     def _check_output_writable(self, job_id: int) -> None:
@@ -117,32 +191,12 @@ class JobActivities:
         return ApprovalRecorded(job_id=input.job_id, status=job["status"])
 
     @activity.defn
-    async def extract_images(self, input: JobRef) -> ExtractedImages:
-        storyboard = await self._storyboard(input.job_id)
-        urls = storyboard.require_images()
-        await in_thread(
-            self.store.progress,
-            input.job_id,
-            "extracting",
-            f"Extracted {len(urls)} images from the storyboard",
-            scenes_total=len(urls),
-            scenes_completed=0,
-        )
-        prompts = [scene.prompt for scene in storyboard.scenes if scene.prompt]
-        return ExtractedImages(
-            image_urls=urls,
-            durations=[scene.duration_seconds for scene in storyboard.scenes],
-            prompt=" / ".join(prompts) or None,
-        )
-
-    @activity.defn
     async def record_cost(self, input: RecordCostInput) -> CostRecord:
-        cost = render_cost(
-            input.image_count,
-            Decimal(str(round(input.duration_seconds, 3))),
-            price_per_image=self.settings.price_per_image,
-            price_per_second=self.settings.price_per_video_second,
-        )
+        """Completes the job: its cost is its images and every second the provider billed for
+        it (retakes included), at the model's price."""
+        job = await in_thread(self.store.get, input.job_id)
+        billed = Decimal(str(job["billed_seconds"] or 0))
+        cost = billed_cost(self.profile, input.image_count, billed, self.settings)
         url = video_url_for(input.job_id)
         over = input.max_cost is not None and cost > Decimal(input.max_cost)
         if over:
@@ -150,7 +204,12 @@ class JobActivities:
                 "Job %s cost $%s, over its budget of $%s", input.job_id, cost, input.max_cost
             )
         await in_thread(
-            self.store.complete, input.job_id, video_url=url, actual_cost=cost, over_budget=over
+            self.store.complete,
+            input.job_id,
+            video_url=url,
+            actual_cost=cost,
+            over_budget=over,
+            duration_seconds=round(input.duration_seconds, 3),
         )
         return CostRecord(actual_cost=str(cost), video_url=url, over_budget=over)
 
@@ -172,12 +231,22 @@ class JobActivities:
         return JobClosed(job_id=input.job_id, status=status, notes=notes + problems)
 
     def _remove_leftovers(self, job_id: int) -> tuple[list[str], list[str]]:
-        """A job that did not complete keeps no download behind, partial or whole."""
+        """A job that did not complete keeps nothing unverified behind: partial downloads,
+        clips not yet checked, a stitched video not yet published. Verified clips stay (a job
+        approved again renders only the scenes it lacks), and so does a final.mp4, which is
+        only ever a verified video (a job whose storyboard changed keeps serving it)."""
         folder = self.settings.video_dir(job_id)
         removed: list[str] = []
         problems: list[str] = []
         try:
-            leftovers = [*folder.glob(".download-*.part"), folder / "final.mp4"]
+            leftovers = [
+                path
+                for where in (folder, self.settings.scenes_dir(job_id))
+                for path in (where.glob(".*") if where.is_dir() else [])
+            ]
+            final = self.settings.video_path(job_id)
+            if final.exists() and not final.is_file():
+                leftovers.append(final)  # not a video at all: in the way of the next render
         except OSError as exc:
             return [], [f"could not list the job's video folder ({short_reason(exc)})"]
         for leftover in leftovers:

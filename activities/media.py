@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import av
 import httpcore
@@ -20,10 +21,24 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.common import fatal, heartbeating, in_thread, short_reason
+from backend import media
 from backend.database import JobStore
+from backend.planning import clip_name
 from backend.provider import ProviderClient
 from backend.settings import Settings
-from workflows.payloads import DownloadedVideo, DownloadVideoInput, VerifyVideoInput, VideoInfo
+from workflows.payloads import (
+    CheckClipInput,
+    ClipChecked,
+    DownloadClipInput,
+    DownloadedVideo,
+    PublishVideoInput,
+    StitchedVideo,
+    StitchInput,
+    VerifyVideoInput,
+    VideoInfo,
+)
+
+T = TypeVar("T")
 
 # A download reads and writes up to this many bytes at a time, and heartbeats its progress
 # after each write: one a MiB was ~5% of the CPU of a loopback download (bench/download.py).
@@ -57,34 +72,44 @@ class MediaActivities:
         self.http = http
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.download_video, self.verify_video]
+        return [
+            self.download_clip,
+            self.check_clip,
+            self.stitch_video,
+            self.verify_video,
+            self.publish_video,
+        ]
 
     @activity.defn
-    async def download_video(self, input: DownloadVideoInput) -> DownloadedVideo:
+    async def download_clip(self, input: DownloadClipInput) -> DownloadedVideo:
+        """Streams a scene's clip from the provider, as soon as it is rendered (outputs are
+        deleted after an hour), to an unverified file beside where the checked clip will go."""
         attempt = activity.info().attempt
-        await in_thread(self.store.set_download_retries, input.job_id, attempt - 1)
+        await in_thread(self.store.note_download_retries, input.job_id, attempt - 1)
         await in_thread(
             self.store.progress,
             input.job_id,
             "downloading",
-            f"Downloading video (attempt {attempt} of {DOWNLOAD_ATTEMPTS})...",
+            f"Downloading {_scene_name(input.number)} (attempt {attempt} of "
+            f"{DOWNLOAD_ATTEMPTS})...",
         )
         if not input.url.lower().startswith(("http://", "https://")):
             raise fatal("Refusing to download a URL that is not http(s)", "BadRequest")
 
-        folder = self.settings.video_dir(input.job_id)
+        folder = self.settings.scenes_dir(input.job_id)
+        name = clip_name(input.number, input.digest)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            # A worker killed mid-download leaves its partial file; one download runs per job.
-            for stale in folder.glob(".download-*.part"):
+            # A worker killed mid-download leaves its partial file; one download runs per clip.
+            for stale in folder.glob(f".{name}.*.part"):
                 stale.unlink(missing_ok=True)
         except OSError as exc:
             raise ApplicationError(
                 f"Could not prepare the job's video folder ({short_reason(exc)})",
                 type="StorageError",
             ) from exc
-        final = folder / "final.mp4"
-        partial = folder / f".download-{uuid.uuid4().hex}.part"
+        unverified = folder / f".{name}.unverified"
+        partial = folder / f".{name}.{uuid.uuid4().hex}.part"
         headers = (
             {"Authorization": f"Bearer {self.settings.api_token}"}
             if self.provider.owns(input.url)
@@ -93,7 +118,7 @@ class MediaActivities:
         limit = self.settings.max_video_bytes
         try:
             size = await heartbeating(self._stream_to(input.url, headers, partial, limit))
-            os.replace(partial, final)
+            os.replace(partial, unverified)
         except ApplicationError as exc:
             if exc.non_retryable:
                 raise
@@ -110,7 +135,88 @@ class MediaActivities:
             ) from exc
         finally:
             partial.unlink(missing_ok=True)
-        return DownloadedVideo(path=str(final), size_bytes=size, attempt=attempt)
+        # The name the clip will have once it passes its checks.
+        return DownloadedVideo(path=name, size_bytes=size, attempt=attempt)
+
+    @activity.defn
+    async def check_clip(self, input: CheckClipInput) -> ClipChecked:
+        """The quality gate: decodable, long enough, not black, not frozen (unless the model
+        holds still images). A clip that passes becomes the scene's clip; one that fails is
+        removed and the scene decides whether to render it again."""
+        folder = self.settings.scenes_dir(input.job_id)
+        unverified = folder / f".{input.clip}.unverified"
+        try:
+            report = await self._blocking(
+                media.check_clip,
+                unverified,
+                min_seconds=input.min_seconds,
+                still_image=input.still_image,
+            )
+        except media.MediaError as exc:
+            unverified.unlink(missing_ok=True)
+            raise fatal(f"{_scene_name(input.number).capitalize()}: {exc}", "InvalidClip") from exc
+        try:
+            os.replace(unverified, folder / input.clip)
+        except OSError as exc:
+            raise ApplicationError(
+                f"Could not keep the clip ({short_reason(exc)})", type="StorageError"
+            ) from exc
+        return ClipChecked(
+            duration_seconds=round(report.duration, 3), frames=report.frames, motion=report.motion
+        )
+
+    @activity.defn
+    async def stitch_video(self, input: StitchInput) -> StitchedVideo:
+        """Trims each clip to its scene's seconds and joins them (stream copy when the clips
+        allow it, else one re-encode) into a new file beside final.mp4; the video served
+        until now stays as it is until the new one is verified and published."""
+        await in_thread(self.store.progress, input.job_id, "stitching", "Stitching the scenes...")
+        scenes = self.settings.scenes_dir(input.job_id)
+        out = self.settings.video_dir(input.job_id) / f".final-{uuid.uuid4().hex}.mp4"
+        cuts = [media.ClipCut(scenes / cut.clip, cut.seconds) for cut in input.clips]
+        try:
+            report = await self._blocking(media.stitch, cuts, out)
+        except media.MediaError as exc:
+            out.unlink(missing_ok=True)
+            raise fatal(f"The scenes could not be joined: {exc}", "InvalidVideo") from exc
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        return StitchedVideo(path=out.name, duration_seconds=report.duration, mode=report.mode)
+
+    @activity.defn
+    async def publish_video(self, input: PublishVideoInput) -> DownloadedVideo:
+        """The verified video becomes the job's final.mp4, in one rename."""
+        folder = self.settings.video_dir(input.job_id)
+        final = self.settings.video_path(input.job_id)
+        source = folder / input.path
+        if not source.is_file():
+            if final.is_file():
+                # Published by an attempt whose answer was lost.
+                return DownloadedVideo(path=final.name, size_bytes=final.stat().st_size, attempt=1)
+            raise fatal("The stitched video is missing", "InvalidVideo")
+        size = source.stat().st_size
+        try:
+            os.replace(source, final)
+        except OSError as exc:
+            raise ApplicationError(
+                f"Could not publish the video ({short_reason(exc)})", type="StorageError"
+            ) from exc
+        return DownloadedVideo(path=final.name, size_bytes=size, attempt=1)
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A long PyAV call on a thread, heartbeating meanwhile; a cancel of the activity stops
+        it at its next progress call (it removes its own partial output)."""
+        stop = threading.Event()
+
+        def progress() -> None:
+            if stop.is_set():
+                raise ActivityCancelled("cancelled")
+
+        try:
+            return await heartbeating(asyncio.to_thread(fn, *args, progress=progress, **kwargs))
+        finally:
+            stop.set()
 
     async def _stream_to(self, url: str, headers: dict[str, str], path: Path, limit: int) -> int:
         too_big = f"Video is larger than the {limit}-byte limit (MAX_VIDEO_BYTES)"
@@ -175,8 +281,9 @@ class MediaActivities:
 
     @activity.defn
     async def verify_video(self, input: VerifyVideoInput) -> VideoInfo:
+        """The stitched video, decoded in full before anyone is served it."""
         await in_thread(self.store.progress, input.job_id, "verifying", "Verifying video...")
-        path = Path(input.path)
+        path = self.settings.video_dir(input.job_id) / input.path
         try:
             # Heartbeats while the decode runs: a worker killed mid-verify is noticed within
             # the heartbeat timeout, not after the whole start-to-close timeout.
@@ -186,6 +293,14 @@ class MediaActivities:
             path.unlink(missing_ok=True)
             raise fatal(str(exc), "InvalidVideo") from exc
         return info
+
+
+def _scene_name(number: int) -> str:
+    return f"scene {number}" if number else "the video"
+
+
+class ActivityCancelled(Exception):
+    """Raised inside a PyAV call on a thread when its activity was cancelled."""
 
 
 async def _body(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -56,26 +56,14 @@ class PredictionActivities:
             self.cancel_prediction,
         ]
 
-    # -- the model input and its digest --
-
-    def model_input(self, input: StartPredictionInput) -> dict[str, Any]:
-        fields = self.settings
-        model_input: dict[str, Any] = {
-            **fields.model_extra_input,
-            fields.model_images_field: input.image_urls,
-            fields.model_durations_field: input.durations,
-        }
-        if input.prompt and fields.model_prompt_field:
-            model_input[fields.model_prompt_field] = input.prompt
-        return model_input
-
-    def digest(self, model_input: dict[str, Any]) -> str:
-        canonical = json.dumps({"model": self._model_name, "input": model_input}, sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
     @property
     def _model_name(self) -> str:
         return self.settings.replicate_model.partition(":")[0]
+
+    def digest(self, model_input: dict[str, Any]) -> str:
+        """The digest the ledger keys a prediction's input by (backend.profiles.input_digest)."""
+        canonical = json.dumps({"model": self._model_name, "input": model_input}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     # -- create --
 
@@ -91,26 +79,31 @@ class PredictionActivities:
         """
         info = activity.info()
         run_id = info.workflow_run_id
-        model_input = self.model_input(input)
-        digest = self.digest(model_input)
+        digest = input.digest
         webhook = bool(self.settings.webhook_url)
-        entries = await in_thread(self.store.ledger, input.job_id, run_id)
+        entries = [
+            entry
+            for entry in await in_thread(self.store.ledger, input.job_id, run_id)
+            if (entry["scene"] or 0) == input.scene and entry["take"] == input.take
+        ]
 
         for entry in entries:
             if entry["prediction_id"] and entry["state"] in ("created", "adopted"):
                 state = await self._call(self.provider.get(entry["prediction_id"]))
                 return _ref(state, adopted=True, webhook=webhook)
 
-        job = await in_thread(self.store.get, input.job_id)
-        earlier = job["prediction_id"]
-        if earlier and not entries:
-            # An earlier run of this job (terminated, so it cleaned nothing up) left its
-            # prediction running: adopt it rather than pay for the same render twice.
-            state = await self._call(self.provider.get(earlier))
-            if not state.terminal and await in_thread(
-                self.store.move_to_run, input.job_id, earlier, run_id
-            ):
-                return _ref(state, adopted=True, webhook=webhook)
+        if not entries and input.take == 1:
+            # An earlier run of this job (terminated, so it cleaned nothing up) may have left
+            # this very render going: adopt it rather than pay for it twice.
+            earlier = await in_thread(
+                self.store.earlier_prediction, input.job_id, input.scene, digest, run_id
+            )
+            if earlier is not None:
+                state = await self._call(self.provider.get(earlier["prediction_id"]))
+                if not state.terminal and await in_thread(
+                    self.store.move_to_run, input.job_id, state.id, run_id
+                ):
+                    return _ref(state, adopted=True, webhook=webhook)
 
         while True:
             intent = await in_thread(
@@ -119,6 +112,8 @@ class PredictionActivities:
                 run_id,
                 digest,
                 workflow_id=info.workflow_id,
+                scene=input.scene,
+                take=input.take,
             )
             if (intent["job_id"], intent["run_id"]) == (input.job_id, run_id):
                 break
@@ -128,7 +123,6 @@ class PredictionActivities:
 
         adopted = await self._settle(intent, own=True)
         if adopted is not None:
-            await self._progress(input.job_id)
             return _ref(adopted, adopted=True, webhook=webhook)
 
         # This attempt is about to call: others judge the intent alive by this time.
@@ -136,9 +130,10 @@ class PredictionActivities:
         try:
             state = await self._call(
                 self.provider.create(
-                    model_input,
+                    input.model_input,
                     webhook=self._webhook_url(input.job_id),
                     webhook_events_filter=["completed"] if webhook else None,
+                    cancel_after_seconds=input.cancel_after_seconds,
                 ),
                 refused="Replicate refused the prediction",
             )
@@ -151,16 +146,12 @@ class PredictionActivities:
             raise fatal(
                 f"Prediction {state.id} is already held by another ledger entry", "LedgerConflict"
             )
-        await self._progress(input.job_id)
         return _ref(state, adopted=False, webhook=webhook)
 
     def _webhook_url(self, job_id: int) -> str | None:
         # job_id is for people reading logs; the API routes a webhook by the ledger alone.
         url = self.settings.webhook_url
         return f"{url}?job_id={job_id}" if url else None
-
-    async def _progress(self, job_id: int) -> None:
-        await in_thread(self.store.progress, job_id, "rendering", "Rendering video from images...")
 
     async def _wait_or_settle(self, intent: dict[str, Any]) -> None:
         """Another run holds the open intent for this input: wait while its attempt may still
@@ -217,6 +208,7 @@ class PredictionActivities:
             item["id"],
             intent["input_digest"],
             state=state,
+            scene=intent["scene"],
         )
         activity.logger.warning(
             "Extra prediction %s of job %s: %s", item["id"], intent["job_id"], state
@@ -255,12 +247,12 @@ class PredictionActivities:
             refused=f"Could not read prediction {input.prediction_id}",
         )
         if not state.terminal:
+            what = f"Scene {input.scene}" if input.scene else "The video"
             await in_thread(
                 self.store.progress,
                 input.job_id,
                 "rendering",
-                f"Rendering video from images... (prediction {state.status}, "
-                f"check {activity.info().attempt})",
+                f"{what} is rendering (prediction {state.status}, check {activity.info().attempt})",
             )
             # Benign: "not ready yet" is the normal way this activity waits.
             raise ApplicationError(
@@ -268,7 +260,6 @@ class PredictionActivities:
                 type="PredictionPending",
                 category=ApplicationErrorCategory.BENIGN,
             )
-        await in_thread(self.store.progress, input.job_id, "rendered", f"Prediction {state.status}")
         return _outcome(state)
 
     @activity.defn

@@ -21,18 +21,20 @@ from sqlalchemy import (
     Boolean,
     Column,
     Index,
+    Integer,
     Numeric,
     Text,
     bindparam,
     event,
     false,
     inspect,
+    or_,
     text,
 )
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
 from backend.settings import get_settings
 from backend.storyboard import NO_STORYBOARD, Storyboard
@@ -84,7 +86,33 @@ class Job(SQLModel, table=True):
         default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
     )
     approved_by: str | None = Field(default=None, max_length=200)
+    # Every second of video the provider billed for this job, over all its runs.
+    billed_seconds: Decimal | None = Field(default=None, sa_column=Column(Numeric(12, 3)))
+    # The length of the finished video.
+    duration_seconds: float | None = None
     created_at: datetime = Field(default_factory=_now)
+    updated_at: datetime = Field(default_factory=_now)
+
+
+class SceneRecord(SQLModel, table=True):
+    """One storyboard scene of a job: the input digest of its current clip (or of the render
+    going for it), and where that render stands."""
+
+    __tablename__ = "job_scenes"
+
+    job_id: int = Field(primary_key=True)
+    number: int = Field(primary_key=True)
+    digest: str = Field(max_length=64)
+    # pending -> rendering -> completed | failed | cancelled
+    status: str = Field(default="pending", max_length=16)
+    prediction_id: str | None = Field(default=None, max_length=128)
+    # Seconds the provider billed for this scene, over every take of every run.
+    billed_seconds: Decimal = Field(
+        default=Decimal(0), sa_column=Column(Numeric(12, 3), nullable=False, server_default="0")
+    )
+    # The verified clip's file name under videos/{job}/scenes/.
+    clip: str | None = Field(default=None, max_length=200)
+    error: str | None = Field(default=None, sa_column=Column(Text))
     updated_at: datetime = Field(default_factory=_now)
 
 
@@ -111,8 +139,10 @@ class PredictionLedger(SQLModel, table=True):
     job_id: int = Field(index=True)
     # The workflow that waits on the prediction: its webhook is relayed there.
     workflow_id: str | None = Field(default=None, max_length=200)
-    # The storyboard scene it renders (1-based); None when one prediction renders them all.
+    # The storyboard scene it renders (1-based); 0 or None when one prediction renders them all.
     scene: int | None = None
+    # A retake after a clip failed its checks is a second prediction of the same scene.
+    take: int = Field(default=1, sa_column=Column(Integer, nullable=False, server_default="1"))
     run_id: str = Field(index=True, max_length=64)
     input_digest: str = Field(max_length=64)
     # intent -> created | adopted | not_created | abandoned; orphan_cancelled for extra ones
@@ -258,6 +288,8 @@ def job_to_dict(job: Job | Row[Any]) -> dict[str, Any]:
         "estimated_cost": float(job.estimated_cost) if job.estimated_cost is not None else None,
         "over_budget": bool(job.over_budget),
         "approved_by": job.approved_by,
+        "billed_seconds": float(job.billed_seconds) if job.billed_seconds is not None else None,
+        "duration_seconds": job.duration_seconds,
         "created_at": _utc_iso(job.created_at),
         "updated_at": _utc_iso(job.updated_at),
     }
@@ -485,15 +517,23 @@ class JobStore:
             session.commit()
             return True
 
-    def set_download_retries(self, job_id: int, retries: int) -> None:
+    def note_download_retries(self, job_id: int, retries: int) -> None:
+        """The most retries any of the job's downloads needed."""
         with self._job(job_id) as job:
-            job.download_retries = retries
+            job.download_retries = max(job.download_retries, retries)
 
     def complete(
-        self, job_id: int, *, video_url: str, actual_cost: Decimal, over_budget: bool = False
+        self,
+        job_id: int,
+        *,
+        video_url: str,
+        actual_cost: Decimal,
+        over_budget: bool = False,
+        duration_seconds: float | None = None,
     ) -> dict[str, Any]:
         with self._job(job_id) as job:
             job.status = JobStatus.COMPLETED
+            job.duration_seconds = duration_seconds
             job.video_url = video_url
             job.actual_cost = actual_cost
             job.over_budget = over_budget
@@ -518,6 +558,88 @@ class JobStore:
             job.current_stage = status
             job.progress_message = message
 
+    # -- scenes --
+
+    def scenes(self, job_id: int) -> list[dict[str, Any]]:
+        """The job's scene records, by number."""
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(SceneRecord).where(SceneRecord.job_id == job_id).order_by(SceneRecord.number)  # type: ignore[arg-type]
+            ).all()
+            return [_scene_dict(row) for row in rows]
+
+    def plan_scenes(self, job_id: int, digests: dict[int, str], keep: set[int]) -> None:
+        """Sets the job's scenes to a new plan: scene number -> input digest. Scenes in `keep`
+        hold a verified clip of that digest and stay as they are; the others wait to render.
+        Scenes past the storyboard's end are dropped."""
+        with Session(self.engine) as session:
+            rows = {
+                row.number: row
+                for row in session.exec(select(SceneRecord).where(SceneRecord.job_id == job_id))
+            }
+            for number, row in rows.items():
+                if number not in digests:
+                    session.delete(row)
+            for number, digest in digests.items():
+                if number in keep:
+                    continue
+                row = rows.get(number) or SceneRecord(job_id=job_id, number=number, digest=digest)
+                row.digest = digest
+                row.status = "pending"
+                row.prediction_id = None
+                row.clip = None
+                row.error = None
+                row.updated_at = _now()
+                session.add(row)
+            session.commit()
+
+    def record_scene(
+        self,
+        job_id: int,
+        covers: Collection[int],
+        status: str,
+        *,
+        prediction_id: str | None = None,
+        billed_seconds: Decimal | None = None,
+        clip: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """A scene's render moved on. A billed take adds its seconds to the scene and the job
+        (shared evenly by the scenes one whole-storyboard prediction covers)."""
+        with Session(self.engine) as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(job_id)
+            rows = session.exec(
+                select(SceneRecord).where(
+                    SceneRecord.job_id == job_id,
+                    SceneRecord.number.in_(list(covers)),  # type: ignore[attr-defined]
+                )
+            ).all()
+            for row in rows:
+                row.status = status
+                row.prediction_id = prediction_id or row.prediction_id
+                row.clip = clip if status == "completed" else row.clip
+                row.error = error
+                if billed_seconds:
+                    row.billed_seconds = Decimal(row.billed_seconds or 0) + billed_seconds / len(
+                        rows
+                    )
+                row.updated_at = _now()
+                session.add(row)
+            if billed_seconds:
+                job.billed_seconds = Decimal(job.billed_seconds or 0) + billed_seconds
+            if status == "completed":
+                # Counted after the change above (the query flushes it first).
+                job.scenes_completed = session.exec(
+                    select(func.count()).where(  # type: ignore[arg-type]
+                        SceneRecord.job_id == job_id, SceneRecord.status == "completed"
+                    )
+                ).one()
+            job.updated_at = _now()
+            session.add(job)
+            session.commit()
+
     # -- the prediction ledger --
 
     def ledger(self, job_id: int, run_id: str | None = None) -> list[dict[str, Any]]:
@@ -537,6 +659,7 @@ class JobStore:
         *,
         workflow_id: str | None = None,
         scene: int | None = None,
+        take: int = 1,
     ) -> int:
         """Writes an open intent; raises IntegrityError if another intent for the same input is
         still open (`claim_intent` is the way to wait for it)."""
@@ -547,6 +670,7 @@ class JobStore:
                 input_digest=input_digest,
                 workflow_id=workflow_id,
                 scene=scene,
+                take=take,
             )
             session.add(row)
             session.commit()
@@ -562,6 +686,7 @@ class JobStore:
         *,
         workflow_id: str | None = None,
         scene: int | None = None,
+        take: int = 1,
     ) -> dict[str, Any]:
         """The one open intent for this input: this run's own (made now if there is none), or
         another run's, which this run must wait for (compare `run_id`).
@@ -582,6 +707,7 @@ class JobStore:
                         input_digest=input_digest,
                         workflow_id=workflow_id,
                         scene=scene,
+                        take=take,
                     )
                 )
                 if _commit_unless_duplicate(session):
@@ -633,11 +759,32 @@ class JobStore:
             row.state = state
             row.updated_at = _now()
             session.add(row)
-            if job is not None and row.scene is None:
+            if job is not None and not row.scene:
                 job.prediction_id = prediction_id
                 job.updated_at = _now()
                 session.add(job)
             return _commit_unless_duplicate(session)
+
+    def earlier_prediction(
+        self, job_id: int, scene: int, input_digest: str, run_id: str
+    ) -> dict[str, Any] | None:
+        """The newest prediction an earlier run made for this scene of the job with exactly
+        this input, if any."""
+        with Session(self.engine) as session:
+            row = session.exec(
+                select(PredictionLedger)
+                .where(
+                    PredictionLedger.job_id == job_id,
+                    PredictionLedger.input_digest == input_digest,
+                    PredictionLedger.run_id != run_id,
+                    PredictionLedger.state.in_(("created", "adopted")),  # type: ignore[attr-defined]
+                    (PredictionLedger.scene == scene)
+                    if scene
+                    else or_(PredictionLedger.scene.is_(None), PredictionLedger.scene == 0),  # type: ignore[union-attr]
+                )
+                .order_by(PredictionLedger.id.desc())  # type: ignore[union-attr]
+            ).first()
+            return row.model_dump() if row is not None else None
 
     def move_to_run(self, job_id: int, prediction_id: str, run_id: str) -> bool:
         """Hands a job's prediction from an earlier run (one that was terminated) to this one."""
@@ -725,6 +872,18 @@ class JobStore:
     def seen_webhook(self, webhook_id: str) -> bool:
         with Session(self.engine) as session:
             return session.get(WebhookDelivery, webhook_id) is not None
+
+
+def _scene_dict(row: SceneRecord) -> dict[str, Any]:
+    return {
+        "number": row.number,
+        "digest": row.digest,
+        "status": row.status,
+        "prediction_id": row.prediction_id,
+        "billed_seconds": float(row.billed_seconds or 0),
+        "clip": row.clip,
+        "error": row.error,
+    }
 
 
 def _commit_unless_duplicate(session: Session) -> bool:

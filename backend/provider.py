@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -90,20 +91,31 @@ class ProviderClient:
         *,
         webhook: str | None = None,
         webhook_events_filter: list[str] | None = None,
+        cancel_after_seconds: float | None = None,
     ) -> PredictionState:
-        params: dict[str, Any] = {"input": model_input}
+        """Creates a prediction of REPLICATE_MODEL. `cancel_after_seconds` is sent as the
+        Cancel-After header: the provider ends the prediction itself past that deadline
+        (aborted if it never started, and then not billed)."""
+        body: dict[str, Any] = {"input": model_input}
         if webhook:
-            params["webhook"] = webhook
-            params["webhook_events_filter"] = webhook_events_filter or ["completed"]
+            body["webhook"] = webhook
+            body["webhook_events_filter"] = webhook_events_filter or ["completed"]
+        headers = {}
+        if cancel_after_seconds:
+            headers["Cancel-After"] = f"{max(1, math.ceil(cancel_after_seconds))}s"
         name, _, version = self.settings.replicate_model.partition(":")
-        # replicate 1.0.7 sends a create without any timeout: bound it here. A create cut
-        # off this way may still have gone through; the ledger finds it.
+        if version:
+            path = "/v1/predictions"
+            body["version"] = version
+        else:
+            path = f"/v1/models/{name}/predictions"
+        # The client's own create has no way to send a header; its request method (auth,
+        # base URL, error mapping) does. Bounded here: replicate 1.0.7 sends a create without
+        # any timeout. A create cut off this way may still have gone through; the ledger
+        # finds it.
         async with asyncio.timeout(CREATE_TIMEOUT_SECONDS):
-            if version:
-                prediction = await self.client.predictions.async_create(version=version, **params)
-            else:
-                prediction = await self.client.models.predictions.async_create(model=name, **params)
-        return PredictionState.from_json(prediction.dict())
+            response = await self.client._async_request("POST", path, json=body, headers=headers)
+        return PredictionState.from_json(response.json())
 
     async def get(self, prediction_id: str) -> PredictionState:
         try:

@@ -150,6 +150,10 @@ class Settings(BaseSettings):
     def video_path(self, job_id: int) -> Path:
         return self.video_dir(job_id) / "final.mp4"
 
+    def scenes_dir(self, job_id: int) -> Path:
+        """Each scene's verified clip, kept so a job approved again renders only what changed."""
+        return self.video_dir(job_id) / "scenes"
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -14,17 +14,31 @@ def workflow_id_for(job_id: int) -> str:
     return f"render-video-{job_id}"
 
 
+def scene_workflow_id(job_id: int, number: int) -> str:
+    """The id of the RenderScene child that renders one scene (0: a whole-storyboard model's
+    one prediction)."""
+    return f"{workflow_id_for(job_id)}-scene-{number if number else 'all'}"
+
+
 @dataclass
 class RenderVideoInput:
     job_id: int
     # Taken from Settings when the run starts, so a run keeps the timing it began with.
     poll_interval_seconds: float = 5.0
+    # Per scene: how long one prediction may take (also sent to Replicate as Cancel-After).
     render_timeout_seconds: float = 600.0
     # review: validate, then wait for an `approve` signal before anything is billed.
     review: bool = False
     review_timeout_seconds: float = 7 * 24 * 3600.0
     # How long to wait for Replicate's webhook before falling back to polling.
     webhook_wait_seconds: float = 300.0
+    # Scenes rendered at once.
+    scene_concurrency: int = 10
+    # Fresh takes of every scene, even those whose clip is still good.
+    rerender: bool = False
+    # The task queue whose activities create predictions (rate-limited across workers);
+    # None: the run's own.
+    create_task_queue: str | None = None
 
 
 @dataclass
@@ -97,15 +111,20 @@ class ValidateStoryboardInput:
     job_id: int
     # False while a job in review is validated before anyone approved it.
     require_approval: bool = True
+    rerender: bool = False
 
 
 @dataclass
 class StoryboardSummary:
     scenes_total: int
     planned_seconds: float
-    # Decimal strings: images x price per image + planned seconds x price per second.
+    # Decimal strings: what the job will have cost once rendered (images x price per image +
+    # billed seconds, those already spent and those this run renders, x price per second).
     estimated_cost: str | None = None
     max_cost: str | None = None
+    # Predictions this run plans to create, and the seconds they bill.
+    renders: int = 0
+    billed_seconds: str = "0"
 
 
 @dataclass
@@ -121,18 +140,16 @@ class ApprovalRecorded:
 
 
 @dataclass
-class ExtractedImages:
-    image_urls: list[str]
-    durations: list[float]
-    prompt: str | None = None
-
-
-@dataclass
 class StartPredictionInput:
     job_id: int
-    image_urls: list[str]
-    durations: list[float]
-    prompt: str | None = None
+    model_input: dict[str, Any]
+    digest: str
+    # The scene it renders (0: the whole storyboard), and which take of it (a retake after a
+    # clip failed its checks is a second, recorded prediction).
+    scene: int = 0
+    take: int = 1
+    # Sent as Cancel-After: the provider ends the prediction itself past this.
+    cancel_after_seconds: float | None = None
 
 
 @dataclass
@@ -152,6 +169,7 @@ class PredictionRef:
 class PollPredictionInput:
     job_id: int
     prediction_id: str
+    scene: int = 0
 
 
 @dataclass
@@ -207,6 +225,7 @@ class VideoInfo:
 class RecordCostInput:
     job_id: int
     image_count: int
+    # The final video's length.
     duration_seconds: float
     max_cost: str | None = None
 
@@ -252,3 +271,130 @@ class ReconcileInput:
 class ReconcileResult:
     checked: int
     repaired: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScenePlan:
+    """One prediction's worth of the storyboard: a scene, or (number 0) all of them for a
+    whole-storyboard model."""
+
+    number: int
+    model_input: dict[str, Any]
+    digest: str
+    # Seconds the scene lasts in the final video, and seconds the provider renders and bills.
+    seconds: float
+    billed_seconds: str
+    # The storyboard scenes this prediction renders (1-based).
+    covers: list[int]
+    # A verified clip of exactly this input is already kept (file name): nothing to render.
+    clip: str | None = None
+
+
+@dataclass
+class RenderPlanInput:
+    job_id: int
+    rerender: bool = False
+
+
+@dataclass
+class RenderPlan:
+    units: list[ScenePlan]
+    scenes_total: int
+    # The clips are still images held on screen: the frozen-clip check is off.
+    still_image: bool = False
+
+
+@dataclass
+class RenderSceneInput:
+    job_id: int
+    plan: ScenePlan
+    poll_interval_seconds: float = 5.0
+    render_timeout_seconds: float = 600.0
+    webhook_wait_seconds: float = 300.0
+    still_image: bool = False
+    create_task_queue: str | None = None
+
+
+@dataclass
+class SceneResult:
+    number: int
+    clip: str
+    prediction_id: str | None
+    # Predictions this run created (or adopted) for the scene: 1, or 2 after a retake.
+    takes: int = 1
+
+
+@dataclass
+class SceneProgress:
+    """What a RenderScene run's `progress` query answers."""
+
+    job_id: int
+    number: int
+    stage: str
+    message: str
+    prediction_id: str | None = None
+    prediction_status: str | None = None
+    take: int = 1
+
+
+@dataclass
+class RecordSceneInput:
+    job_id: int
+    number: int
+    status: str
+    covers: list[int] = field(default_factory=list)
+    prediction_id: str | None = None
+    # A take the provider billed: its seconds, added to the job's spend.
+    billed_seconds: str | None = None
+    clip: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class DownloadClipInput:
+    job_id: int
+    number: int
+    digest: str
+    url: str
+
+
+@dataclass
+class CheckClipInput:
+    job_id: int
+    number: int
+    clip: str
+    min_seconds: float
+    still_image: bool = False
+
+
+@dataclass
+class ClipChecked:
+    duration_seconds: float
+    frames: int
+    motion: float
+
+
+@dataclass
+class ClipCut:
+    clip: str
+    seconds: float
+
+
+@dataclass
+class StitchInput:
+    job_id: int
+    clips: list[ClipCut]
+
+
+@dataclass
+class StitchedVideo:
+    # A file name in the job's folder, not yet the served video.
+    path: str
+    duration_seconds: float
+    mode: str
+
+
+@dataclass
+class PublishVideoInput:
+    job_id: int
+    path: str
