@@ -454,9 +454,11 @@ def _allot_frames(clips: list[_Clip], fps: Fraction) -> None:
                 f"frame at {_seconds(float(fps))} fps"
             )
         clip.end = float(clip.frames / fps)
-        if clip.info.duration < clip.cut.seconds - float(1 / fps) - 1e-6:
+        # The header's duration can be a few units of its time base short of frames / rate.
+        lasts = max(clip.info.duration, float(clip.info.frames / clip.info.fps))
+        if lasts < clip.cut.seconds - float(1 / fps) - 1e-3:
             raise MediaError(
-                f"{clip.label} lasts {_seconds(clip.info.duration)} s, the scene needs "
+                f"{clip.label} lasts {_seconds(lasts)} s, the scene needs "
                 f"{_seconds(clip.cut.seconds)} s"
             )
 
