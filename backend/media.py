@@ -140,6 +140,8 @@ class StitchReport:
     height: int
     fps: Fraction
     has_audio: bool
+    # "copy": AAC packets remuxed; "reencode": decoded, cut and encoded again; "none"
+    audio_mode: Literal["copy", "reencode", "none"]
     clips: tuple[CutReport, ...]
 
 
@@ -647,11 +649,101 @@ class _Fitter:
         return fitted
 
 
+class _AudioGap(Exception):
+    """A clip's audio starts late or ends early: copied packets would drift off the picture."""
+
+
+class _AudioCopy:
+    """Remuxes the clips' AAC packets into one track that keeps to the picture.
+
+    AAC comes in frames of 1024 samples, so a copied track can only be cut at frame edges.
+    Packets are laid end to end (a gap would shift all later sound earlier). A clip's packets
+    start with the first whose middle is not already covered by the sound written, and are
+    taken while the track ends nearer its clip's cut with the packet than without. So each
+    clip's sound starts, and the track meets each cut, within half a frame (10.7 ms at 48 kHz)
+    of where it belongs, however many clips there are; the error does not add up. Each clip's
+    first packet (the encoder's priming) plays the previous clip's last frame out, as
+    ffmpeg's concat does. Sound that starts late or ends early is not copied (`_AudioGap`).
+    """
+
+    def __init__(self, out: av.container.OutputContainer, template: AudioStream) -> None:
+        self.out = out
+        self.stream = out.add_stream_from_template(template)
+        self.time_base = template.time_base or Fraction(1, template.codec_context.sample_rate)
+        self.stream.time_base = self.time_base
+        cc = template.codec_context
+        self.frame = round(Fraction(cc.frame_size or 1024, cc.sample_rate) / self.time_base)
+        self.written: int | None = None
+        self.offset = self.end = 0
+        self.last = False
+        self.full = False
+
+    def clip(self, start: float, end: float, last: bool, zero: float) -> None:
+        """The next clip, which fills seconds `start` to `end` of the final video; its picture
+        starts at `zero` seconds of its own time."""
+        self.offset = round((start - zero) / self.time_base)
+        self.end = round(end / self.time_base)
+        self.last = last
+        self.full = False
+
+    def feed(self, packet: Packet) -> None:
+        if self.full or not packet.size or packet.pts is None:
+            return
+        # A short packet (the encoder's last) still decodes to a whole frame, except at the
+        # very end of the track, where the muxer records how much of it to play.
+        length = self.frame
+        if self.last and packet.duration and packet.duration < self.frame:
+            length = packet.duration
+        start = self.offset + packet.pts  # where the packet belongs in the final video
+        if self.written is None:
+            # The first clip's priming keeps its negative time (the muxer hides it with an
+            # edit list); sound that starts late is a gap like any other.
+            self.written = min(start, self.offset)
+        if start + length / 2 < self.written:
+            return  # the clip before already covers this
+        if start - self.written > self.frame / 2:
+            raise _AudioGap()
+        if self.written + length / 2 > self.end:
+            self.full = True
+            return
+        packet.pts = packet.dts = self.written
+        packet.duration = length
+        packet.stream = self.stream
+        self.out.mux(packet)
+        self.written += length
+
+    def end_clip(self) -> None:
+        if self.written is None or self.end - self.written > self.frame / 2:
+            raise _AudioGap()
+
+
+def _audio_copy_reason(clips: list[_Clip]) -> str:
+    """Why the clips' audio cannot be copied alongside copied video ("" if it can)."""
+    first = None
+    for clip in clips:
+        stream = clip.container.streams.audio[0]
+        cc = stream.codec_context
+        if cc.name != "aac":
+            return f"{clip.label} has {cc.name} audio"
+        extradata = bytes(cc.extradata or b"")
+        params = (cc.sample_rate, cc.layout.nb_channels, stream.time_base, extradata)
+        if first is None:
+            first = params
+        elif params != first:
+            return f"{clip.label}'s audio was encoded with other settings"
+        if stream.duration is None or stream.time_base is None:
+            return f"{clip.label}'s audio has no duration"
+        lasts = float((stream.duration + (stream.start_time or 0)) * stream.time_base)
+        if lasts < clip.end - 512 / cc.sample_rate:
+            return f"{clip.label}'s audio ends before its scene does"
+    return ""
+
+
 class _AudioJoin:
     """Joins the clips' audio into one AAC track, cut sample-exactly at each clip's end.
 
-    Always re-encoded: copied AAC packets can only be cut 1024 samples at a time, and each
-    clip's encoder priming would play as a click at every join.
+    Used whenever the video is re-encoded (then encoding the sound costs next to nothing) and
+    when copied audio could not keep to the picture.
     """
 
     def __init__(self, out: av.container.OutputContainer, rate: int, layout: str) -> None:
@@ -774,7 +866,12 @@ def stitch(
         _allot_frames(scanned, fps)
         reason = _copy_plan(scanned, tick)
         with_audio = all(c.info.has_audio for c in scanned)
-        _write(scanned, out_path, reason, with_audio, width, height, fps, crf, preset, progress)
+        audio_mode: Literal["copy", "reencode", "none"] = "none"
+        if with_audio:
+            audio_mode = "reencode" if reason or _audio_copy_reason(scanned) else "copy"
+        audio_mode = _write(
+            scanned, out_path, reason, audio_mode, width, height, fps, crf, preset, progress
+        )
     frames = sum(c.frames for c in scanned)
     if not reason:
         width, height = scanned[0].info.width, scanned[0].info.height
@@ -787,6 +884,7 @@ def stitch(
         height=height,
         fps=fps,
         has_audio=with_audio,
+        audio_mode=audio_mode,
         clips=tuple(
             CutReport(c.info.name, c.cut.seconds, round(float(c.frames / fps), 6), c.frames)
             for c in scanned
@@ -798,7 +896,36 @@ def _write(
     scanned: list[_Clip],
     out_path: StrPath,
     reason: str,
-    with_audio: bool,
+    audio_mode: Literal["copy", "reencode", "none"],
+    width: int,
+    height: int,
+    fps: Fraction,
+    crf: int,
+    preset: str,
+    progress: Progress | None,
+) -> Literal["copy", "reencode", "none"]:
+    """Writes the video; returns how its audio was made."""
+    with _output(out_path) as tmp:
+        try:
+            while True:
+                try:
+                    _write_once(
+                        scanned, tmp, reason, audio_mode, width, height, fps, crf, preset, progress
+                    )
+                    return audio_mode
+                except _AudioGap:
+                    # Rare (the headers promised sound that is not there): start again and
+                    # encode the sound, padding what is missing with silence.
+                    audio_mode = "reencode"
+        except av.FFmpegError as exc:
+            raise MediaError(f"Stitching failed ({_reason(exc)})") from None
+
+
+def _write_once(
+    scanned: list[_Clip],
+    tmp: Path,
+    reason: str,
+    audio_mode: Literal["copy", "reencode", "none"],
     width: int,
     height: int,
     fps: Fraction,
@@ -806,20 +933,16 @@ def _write(
     preset: str,
     progress: Progress | None,
 ) -> None:
-    with _output(out_path) as tmp:
-        try:
-            with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-                sound: tuple[int, str] | None = None
-                if with_audio:
-                    rate = _most_common([c.info.audio_sample_rate for c in scanned])
-                    layout = "mono" if scanned[0].info.audio_channels == 1 else "stereo"
-                    sound = (rate, layout)
-                if reason:
-                    _reencode(scanned, out, sound, width, height, fps, crf, preset, progress)
-                else:
-                    _copy(scanned, out, sound, progress)
-        except av.FFmpegError as exc:
-            raise MediaError(f"Stitching failed ({_reason(exc)})") from None
+    with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        sound: tuple[int, str] | None = None
+        if audio_mode == "reencode":
+            rate = _most_common([c.info.audio_sample_rate for c in scanned])
+            layout = "mono" if scanned[0].info.audio_channels == 1 else "stereo"
+            sound = (rate, layout)
+        if reason:
+            _reencode(scanned, out, sound, width, height, fps, crf, preset, progress)
+        else:
+            _copy(scanned, out, sound, audio_mode == "copy", progress)
 
 
 def _clip_streams(
@@ -834,24 +957,31 @@ def _copy(
     clips: list[_Clip],
     out: av.container.OutputContainer,
     sound_format: tuple[int, str] | None,
+    copy_audio: bool,
     progress: Progress | None,
 ) -> None:
     tick = _Ticker(progress, PACKETS_PER_TICK)
     audio: _AudioJoin | None = None
+    audio_copy: _AudioCopy | None = None
     out_video = None
     elapsed = 0.0
     step = int(1 / (clips[0].info.fps * clips[0].info.time_base))
     for clip in clips:
         container = clip.rewind()
-        video, audio_in = _clip_streams(container, sound_format is not None)
+        video, audio_in = _clip_streams(container, sound_format is not None or copy_audio)
         if out_video is None:
             # The video track first, then the audio track, as players expect.
             out_video = out.add_stream_from_template(video)
             out_video.time_base = video.time_base
             if sound_format is not None:
                 audio = _AudioJoin(out, *sound_format)
+            elif copy_audio and audio_in is not None:
+                audio_copy = _AudioCopy(out, audio_in)
         sound = audio.clip(elapsed + clip.end) if audio is not None else None
-        audio_start = _start(audio_in) if audio_in is not None else 0.0
+        if audio_copy is not None:
+            audio_copy.clip(elapsed, elapsed + clip.end, clip is clips[-1], _start(video))
+        # The picture sets time zero: sound that starts later is preceded by silence.
+        audio_start = _start(video)
         copied = 0
         streams = [s for s in (video, audio_in) if s is not None]
         for packet in container.demux(*streams):
@@ -862,14 +992,19 @@ def _copy(
                     packet.stream = out_video
                     out.mux(packet)
                     copied += 1
+            elif audio_copy is not None:
+                audio_copy.feed(packet)
             elif sound is not None and not sound.full:
                 _feed_audio(packet, sound, audio_start)
-            if copied >= clip.copy_packets and (sound is None or sound.full):
+            audio_done = (sound is None or sound.full) and (audio_copy is None or audio_copy.full)
+            if copied >= clip.copy_packets and audio_done:
                 break
         if copied < clip.copy_packets:
             raise MediaError(f"{clip.label} is truncated: it ends before its scene does")
         if sound is not None:
             sound.finish()
+        if audio_copy is not None:
+            audio_copy.end_clip()
         elapsed += clip.end
     if audio is not None:
         audio.finish()
@@ -934,7 +1069,6 @@ def _reencode(
         video, audio_in = _clip_streams(container, sound_format is not None)
         video.thread_type = "AUTO"
         start = _start(video)
-        audio_start = _start(audio_in) if audio_in is not None else 0.0
         retimer = _Retimer(clip.frames, fps, emit)
         sound = audio.clip(elapsed + clip.end) if audio is not None else None
         streams = [s for s in (video, audio_in) if s is not None]
@@ -947,7 +1081,8 @@ def _reencode(
                             t = frame.time - start if frame.time is not None else 0.0
                             retimer.feed(frame, t)
                 elif sound is not None and not sound.full:
-                    _feed_audio(packet, sound, audio_start)
+                    # The picture sets time zero: later sound is preceded by silence.
+                    _feed_audio(packet, sound, start)
                 if retimer.full and (sound is None or sound.full):
                     break
         except av.FFmpegError as exc:

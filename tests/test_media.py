@@ -56,10 +56,14 @@ def make_clip(
     audio: bool = False,
     black_lead: float = 0.0,
     faststart: bool = True,
+    tone_at: float = 0.0,
+    audio_from: float = 0.0,
+    audio_seconds: float | None = None,
 ) -> Path:
     """An H.264 MP4 made frame by frame: `moving` pans across a texture (every frame differs),
     `black` is black throughout, `frozen` shows one picture throughout. `black_lead` seconds of
-    black come first; `audio` adds a 440 Hz stereo AAC tone as long as the picture."""
+    black come first. `audio` adds a stereo AAC track from `audio_from` for `audio_seconds`
+    (default: as long as the picture): silence, then from `tone_at` a 440 Hz tone."""
     options = {"movflags": "+faststart"} if faststart else {}
     texture = _texture(width, height, seed=width + height)
     count = round(seconds * fps)
@@ -90,12 +94,19 @@ def make_clip(
         for packet in video.encode(None):
             out.mux(packet)
         if sound is not None:
-            samples = round(seconds * 48_000)
-            for start in range(0, samples, 1024):
-                n = min(1024, samples - start)
+            first = round(audio_from * 48_000)
+            samples = round((seconds if audio_seconds is None else audio_seconds) * 48_000)
+            onset = round(tone_at * 48_000)
+            for start in range(first, first + samples, 1024):
+                n = min(1024, first + samples - start)
                 tone = array.array(
                     "f",
-                    (0.3 * math.sin(2 * math.pi * 440 * (start + k) / 48_000) for k in range(n)),
+                    (
+                        0.3 * math.sin(2 * math.pi * 440 * (start + k) / 48_000)
+                        if start + k >= onset
+                        else 0.0
+                        for k in range(n)
+                    ),
                 ).tobytes()
                 frame = av.AudioFrame(format="fltp", layout="stereo", samples=n)
                 frame.sample_rate = 48_000
@@ -129,6 +140,25 @@ def decode(path: Path) -> Decoded:
     return Decoded(frames, last, duration, width, height, samples, rate, has_audio)
 
 
+def tone_onsets(path: Path, threshold: float = 0.15, quiet: float = 0.1) -> list[float]:
+    """Times at which the sound rises above `threshold` after `quiet` seconds below it."""
+    onsets: list[float] = []
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate
+        position, last_loud = 0, -(10**9)
+        for frame in container.decode(stream):
+            assert frame.format.name == "fltp"
+            left = array.array("f", bytes(frame.planes[0])[: frame.samples * 4])
+            for k, value in enumerate(left):
+                if abs(value) > threshold:
+                    if position + k - last_loud > quiet * rate:
+                        onsets.append((position + k) / rate)
+                    last_loud = position + k
+            position += frame.samples
+    return onsets
+
+
 def moov_first(path: Path) -> bool:
     """Whether the index (moov) comes before the media data: a progressive download plays."""
     data = path.read_bytes()
@@ -153,6 +183,13 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "short": make_clip(folder / "short.mp4", seconds=3.2),
         "one_frame_short": make_clip(folder / "one-frame-short.mp4", seconds=119 / FPS),
         "black_lead": make_clip(folder / "black-lead.mp4", seconds=4.0, black_lead=1.5, keyint=250),
+        "beep": make_clip(folder / "beep.mp4", seconds=2.0, audio=True, tone_at=0.5),
+        "beep_late": make_clip(
+            folder / "beep-late.mp4", seconds=2.0, audio=True, audio_from=0.5, tone_at=0.7
+        ),
+        "beep_short": make_clip(
+            folder / "beep-short.mp4", seconds=2.0, audio=True, audio_seconds=1.0, tone_at=0.5
+        ),
     }
 
 
@@ -333,7 +370,7 @@ def test_stitch_keeps_audio_cut_to_the_picture_when_every_clip_has_some(
     out = tmp_path / "final.mp4"
     cuts = [(clips["a_audio"], 2.0), (clips["b_audio"], cut_b), (clips["a_audio"], 1.0)]
     report = media.stitch(cuts, out)
-    assert report.mode == ("copy" if cut_b == 2.0 else "reencode")
+    assert report.mode == report.audio_mode == ("copy" if cut_b == 2.0 else "reencode")
     assert report.has_audio
     seen = decode(out)
     total = 3.0 + cut_b
@@ -344,11 +381,61 @@ def test_stitch_keeps_audio_cut_to_the_picture_when_every_clip_has_some(
     assert near(seen.duration, total, 1024 / 48_000)
 
 
+@pytest.mark.parametrize(
+    ("cuts", "mode", "tolerance"),
+    [
+        # AAC packets copied: each clip's sound within half an AAC frame (10.7 ms) of its
+        # picture, and the error does not add up over the clips
+        ([2.0, 1.0, 2.0, 2.0, 1.0, 2.0], "copy", 0.012),
+        # decoded and cut to the sample
+        ([1.5, 1.3, 2.0, 1.1, 1.7], "reencode", 0.003),
+    ],
+    ids=["copy", "reencode"],
+)
+def test_stitched_sound_stays_on_its_picture(
+    clips: dict[str, Path], tmp_path: Path, cuts: list[float], mode: str, tolerance: float
+) -> None:
+    """Every clip beeps 0.5 s after it starts: in the final video, so must every scene."""
+    out = tmp_path / "final.mp4"
+    report = media.stitch([(clips["beep"], seconds) for seconds in cuts], out)
+    assert report.mode == report.audio_mode == mode
+    # where each scene's picture starts: whole frames, so up to half a frame off the seconds
+    used = [clip.seconds_used for clip in report.clips]
+    starts = [sum(used[:i]) for i in range(len(used))]
+    planned = [sum(cuts[:i]) for i in range(len(cuts))]
+    assert all(near(a, b, FRAME / 2) for a, b in zip(starts, planned, strict=True))
+    onsets = tone_onsets(out)
+    assert len(onsets) == len(cuts)
+    for heard, start in zip(onsets, starts, strict=True):
+        assert near(heard, start + 0.5, tolerance), (heard, start + 0.5)
+
+
+@pytest.mark.parametrize("other", ["beep_short", "beep_late"])
+def test_sound_that_ends_early_or_starts_late_is_reencoded_with_silence(
+    clips: dict[str, Path], tmp_path: Path, other: str
+) -> None:
+    """The picture is still copied; the sound is re-encoded so the gap is silence in place
+    (copied packets laid end to end would close it, and the sound after it would come early).
+    The short clip's sound ends halfway (found from its header); the late one's starts 0.5 s
+    in (found while copying, which then starts again)."""
+    out = tmp_path / "final.mp4"
+    report = media.stitch([(clips[other], 2.0), (clips["beep"], 2.0)], out)
+    assert (report.mode, report.audio_mode) == ("copy", "reencode")
+    seen = decode(out)
+    assert seen.frames == 96
+    assert near(seen.audio_samples / seen.audio_rate, 4.0, 1024 / 48_000)
+    first = 0.7 if other == "beep_late" else 0.5
+    onsets = tone_onsets(out)
+    assert len(onsets) == 2
+    assert near(onsets[0], first, 0.003) and near(onsets[1], 2.5, 0.003)
+    assert [p.name for p in tmp_path.iterdir()] == ["final.mp4"]
+
+
 def test_stitch_drops_audio_when_any_clip_has_none(clips: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "final.mp4"
     report = media.stitch([(clips["a_audio"], 2.0), (clips["b"], 2.0)], out)
     assert report.mode == "copy"
-    assert not report.has_audio
+    assert not report.has_audio and report.audio_mode == "none"
     seen = decode(out)
     assert not seen.has_audio
     assert seen.frames == 96
