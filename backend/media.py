@@ -16,7 +16,7 @@ import math
 import os
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -839,7 +839,7 @@ class _AudioClip:
 
 
 def stitch(
-    clips: list[ClipCut] | list[tuple[StrPath, float]],
+    clips: Sequence[ClipCut | tuple[StrPath, float]],
     out_path: StrPath,
     *,
     progress: Progress | None = None,
@@ -1255,7 +1255,9 @@ def preview(
         gap = (duration - length) / (PREVIEW_SEGMENTS - 1)
         segments = [(i * gap, length) for i in range(PREVIEW_SEGMENTS)]
     fps = info.fps if info.fps <= PREVIEW_MAX_FPS else info.fps / math.ceil(info.fps / 30)
-    height = min(_even(max_height) if max_height % 2 else max_height, _even(info.height))
+    if max_height < 2:
+        raise MediaError("A preview must be at least 2 pixels high")
+    height = min(max_height, info.height) // 2 * 2
     width = _even(info.width * height / info.height)
     counts = [round(Fraction(seconds) * fps) for _, seconds in segments]
     frames = sum(counts)
