@@ -18,6 +18,7 @@ BENCHES = {
     "download": "Downloading a 1 GiB MP4 against curl",
     "rendering": "The local slideshow render against the ffmpeg command line",
     "api": "GET /api/v2/jobs/{id} under load against a bare FastAPI endpoint",
+    "stitching": "Stitching scene clips against the ffmpeg command line",
 }
 
 
