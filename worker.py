@@ -25,6 +25,7 @@ from backend.orchestration import (
 from backend.provider import ProviderClient
 from backend.settings import Settings, get_settings
 from workflows.reconcile import ReconcileJobs
+from workflows.render_scene import RenderScene
 from workflows.render_video import RenderVideo
 
 log = logging.getLogger("worker")
@@ -46,18 +47,31 @@ def download_client() -> httpx.AsyncClient:
 
 @asynccontextmanager
 async def running_worker(client: Client, settings: Settings) -> AsyncIterator[Worker]:
-    """A started worker with real activities; shut down gracefully on exit."""
+    """A started worker with real activities; shut down gracefully on exit.
+
+    Two pollers: the render queue (workflows and most activities) and the creates queue,
+    whose rate limit Temporal holds across every worker polling it, so all of them together
+    stay under the provider's limit on creates.
+    """
     store = JobStore(make_engine(settings.resolved_database_url))
     async with download_client() as http:
         activities = all_activities(store, ProviderClient(settings), settings, http, client)
+        creates = [fn for fn in activities if fn.__name__ == "start_prediction"]
         worker = Worker(
             client,
             task_queue=settings.task_queue,
-            workflows=[RenderVideo, ReconcileJobs],
-            activities=activities,
+            workflows=[RenderVideo, RenderScene, ReconcileJobs],
+            activities=[fn for fn in activities if fn not in creates],
             **worker_options(settings),
         )
-        async with worker:
+        creator = Worker(
+            client,
+            task_queue=settings.create_task_queue,
+            activities=creates,
+            max_task_queue_activities_per_second=settings.provider_creates_per_minute / 60,
+            graceful_shutdown_timeout=worker_options(settings)["graceful_shutdown_timeout"],
+        )
+        async with worker, creator:
             # Once something runs its workflow: the safety net for job/workflow agreement.
             await ensure_reconcile_schedule(client, settings)
             yield worker

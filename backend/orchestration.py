@@ -105,7 +105,9 @@ async def ensure_search_attributes(client: Client, settings: Settings) -> None:
         log.warning("Could not register search attributes JobId/RenderStage: %s", exc)
 
 
-def render_input(settings: Settings, job_id: int, *, review: bool = False) -> RenderVideoInput:
+def render_input(
+    settings: Settings, job_id: int, *, review: bool = False, rerender: bool = False
+) -> RenderVideoInput:
     return RenderVideoInput(
         job_id=job_id,
         poll_interval_seconds=settings.poll_interval_seconds,
@@ -113,6 +115,9 @@ def render_input(settings: Settings, job_id: int, *, review: bool = False) -> Re
         review=review,
         review_timeout_seconds=settings.review_timeout_seconds,
         webhook_wait_seconds=settings.webhook_wait_seconds,
+        scene_concurrency=settings.scene_concurrency,
+        rerender=rerender,
+        create_task_queue=settings.create_task_queue,
     )
 
 
@@ -124,6 +129,7 @@ async def start_render(
     *,
     review: bool = False,
     approved_by: str | None = None,
+    rerender: bool = False,
 ) -> str:
     """Starts the job's run, or signals the run already going; returns the workflow id.
 
@@ -161,7 +167,12 @@ async def start_render(
         "start_signal_args": [signal[1]],
     }
     try:
-        await _start(client, render_input(settings, job_id, review=review), job_id, options)
+        await _start(
+            client,
+            render_input(settings, job_id, review=review, rerender=rerender),
+            job_id,
+            options,
+        )
     except WorkflowAlreadyStartedError as exc:
         # A completed run already holds this id, yet the job row does not say so (the job
         # store was reset or restored from a backup). Rendering again would bill twice.

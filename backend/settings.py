@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         "no token is set, https://api.replicate.com otherwise",
     )
     replicate_model: str = Field(
-        default="local/slideshow", description="owner/name or owner/name:version"
+        default="local/i2v", description="owner/name or owner/name:version"
     )
     # Profiles (backend/profiles.py) describe how each model takes a scene; this file (JSON or
     # TOML, one profile or a list) adds models or overrides the built-in profiles.
@@ -51,7 +51,13 @@ class Settings(BaseSettings):
     model_extra_input: dict[str, Any] = Field(default_factory=dict)
 
     poll_interval_seconds: float = Field(default=5.0, gt=0)
+    # Per scene: how long one prediction may take; also sent to the provider as Cancel-After.
     render_timeout_seconds: float = Field(default=600.0, gt=0)
+    # Scenes of one job rendered at once.
+    scene_concurrency: int = Field(default=10, ge=1, le=200)
+    # Creates across every worker stay under the provider's limit (Replicate: 600 a minute):
+    # Temporal enforces it as the task-queue-wide rate of the queue the creates run on.
+    provider_creates_per_minute: float = Field(default=600.0, gt=0)
     # Webhooks: when set, Replicate calls {PUBLIC_BASE_URL}/api/v2/webhooks/replicate and the
     # run waits for that call, polling only if it has not come after WEBHOOK_WAIT_SECONDS.
     public_base_url: str | None = Field(
@@ -119,6 +125,11 @@ class Settings(BaseSettings):
         if not self.public_base_url:
             return None
         return f"{self.public_base_url}/api/v2/webhooks/replicate"
+
+    @property
+    def create_task_queue(self) -> str:
+        """The task queue prediction creates run on, rate-limited across all workers."""
+        return f"{self.task_queue}-creates"
 
     @property
     def uses_local_renderer(self) -> bool:

@@ -31,6 +31,9 @@ def make_settings(data_dir: Path, temporal_address: str, provider: str, **extra:
         # One reconcile schedule per test's task queue would outlive the test's worker; the
         # tests of the reconciler turn it on.
         "reconcile_interval_seconds": 0,
+        # One prediction for the whole storyboard: the tests of the pipeline's mechanics
+        # (webhooks, ledger, crashes) count on one; the per-scene tests ask for local/i2v.
+        "replicate_model": "local/slideshow",
     }
     values.update(extra)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -13,14 +13,24 @@ from support import Stack
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 
-SEVEN = [
+# The job's run: validate, plan, then (its scenes rendered by children) stitch and publish.
+JOB_STEPS = [
     "validate_storyboard",
-    "extract_images",
-    "start_prediction",
-    "poll_prediction",
-    "download_video",
+    "plan_render",
+    "stitch_video",
     "verify_video",
+    "publish_video",
     "record_cost",
+]
+# A scene's run: create, wait (here by polling), download, check, each step recorded.
+SCENE_STEPS = [
+    "start_prediction",
+    "record_scene",
+    "poll_prediction",
+    "record_scene",
+    "download_clip",
+    "check_clip",
+    "record_scene",
 ]
 
 
@@ -87,7 +97,7 @@ async def test_video_supports_range_requests(stack: Stack) -> None:
     assert part.headers["content-range"] == f"bytes 4-11/{len(whole)}"
 
 
-async def test_history_shows_seven_activities_and_polling_as_retries(stack: Stack) -> None:
+async def test_history_shows_each_step_and_polling_as_retries(stack: Stack) -> None:
     # A slow render makes poll_prediction fail "still processing" many times over.
     stack.renderer.add_fault("slow_render", times=1, delay=1.5)
     job_id = await stack.create_job(stack.sample_scenes(count=2, seconds=1))
@@ -95,9 +105,10 @@ async def test_history_shows_seven_activities_and_polling_as_retries(stack: Stac
     job = await stack.wait_closed(job_id)
     assert job["status"] == "completed", job["error_message"]
 
-    names = await scheduled_activities(stack, approved.json()["workflow_id"])
-    assert names == SEVEN
-    history = await stack.temporal.get_workflow_handle(f"render-video-{job_id}").fetch_history()
+    assert await scheduled_activities(stack, approved.json()["workflow_id"]) == JOB_STEPS
+    scene_run = f"render-video-{job_id}-scene-all"
+    assert await scheduled_activities(stack, scene_run) == SCENE_STEPS
+    history = await stack.temporal.get_workflow_handle(scene_run).fetch_history()
     poll_attempts = [
         event.activity_task_started_event_attributes.attempt
         for event in history.events

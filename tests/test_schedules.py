@@ -19,20 +19,29 @@ from activities.media import download_retry_delay
 from backend.orchestration import start_render
 from local_replicate.testing import RunningServer
 from workflows.payloads import (
+    CheckClipInput,
+    ClipChecked,
     CostRecord,
+    DownloadClipInput,
     DownloadedVideo,
-    DownloadVideoInput,
-    ExtractedImages,
-    JobRef,
     PollPredictionInput,
     PredictionOutcome,
     PredictionRef,
+    PublishVideoInput,
     RecordCostInput,
+    RecordSceneInput,
+    RenderPlan,
+    RenderPlanInput,
+    ScenePlan,
     StartPredictionInput,
+    StitchedVideo,
+    StitchInput,
     StoryboardSummary,
+    ValidateStoryboardInput,
     VerifyVideoInput,
     VideoInfo,
 )
+from workflows.render_scene import RenderScene
 from workflows.render_video import RenderVideo, RenderVideoInput
 
 
@@ -68,12 +77,13 @@ async def test_download_is_retried_30s_then_90s_and_counted(skipping_stack: Stac
     assert job["download_retries"] == 2
     assert stack.renderer.stats()["file_gets"] == 3
 
-    history = await stack.temporal.get_workflow_handle(f"render-video-{job_id}").fetch_history()
+    scene_run = f"render-video-{job_id}-scene-all"
+    history = await stack.temporal.get_workflow_handle(scene_run).fetch_history()
     scheduled: datetime | None = None
     for event in history.events:
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             attrs = event.activity_task_scheduled_event_attributes
-            if attrs.activity_type.name == "download_video":
+            if attrs.activity_type.name == "download_clip":
                 scheduled = event.event_time.ToDatetime()
                 download_event_id = event.event_id
         if (
@@ -87,7 +97,7 @@ async def test_download_is_retried_30s_then_90s_and_counted(skipping_stack: Stac
             assert 120 <= (started - scheduled).total_seconds() < 130
             break
     else:
-        pytest.fail("download_video never started")
+        pytest.fail("download_clip never started")
 
 
 async def test_render_timeout_cancels_the_prediction(skipping_stack: Stack) -> None:
@@ -115,13 +125,19 @@ download_attempts: list[datetime] = []
 
 
 @activity.defn(name="validate_storyboard")
-async def validate_double(input: JobRef) -> StoryboardSummary:
+async def validate_double(input: ValidateStoryboardInput) -> StoryboardSummary:
     return StoryboardSummary(scenes_total=1, planned_seconds=2)
 
 
-@activity.defn(name="extract_images")
-async def extract_double(input: JobRef) -> ExtractedImages:
-    return ExtractedImages(image_urls=["http://example.invalid/a.png"], durations=[2.0])
+@activity.defn(name="plan_render")
+async def plan_double(input: RenderPlanInput) -> RenderPlan:
+    unit = ScenePlan(1, {"image": "http://example.invalid/a.png"}, "d1", 2.0, "2", [1])
+    return RenderPlan(units=[unit], scenes_total=1)
+
+
+@activity.defn(name="record_scene")
+async def record_scene_double(input: RecordSceneInput) -> None:
+    return None
 
 
 @activity.defn(name="start_prediction")
@@ -134,8 +150,8 @@ async def poll_double(input: PollPredictionInput) -> PredictionOutcome:
     return PredictionOutcome(prediction_id="p1", status="succeeded", output_url="http://x/v.mp4")
 
 
-@activity.defn(name="download_video")
-async def download_double(input: DownloadVideoInput) -> DownloadedVideo:
+@activity.defn(name="download_clip")
+async def download_double(input: DownloadClipInput) -> DownloadedVideo:
     attempt = activity.info().attempt
     download_attempts.append(activity.info().current_attempt_scheduled_time)
     if attempt < 3:
@@ -143,12 +159,27 @@ async def download_double(input: DownloadVideoInput) -> DownloadedVideo:
         raise ApplicationError(
             "HTTP 500", type="DownloadFailed", next_retry_delay=download_retry_delay(attempt)
         )
-    return DownloadedVideo(path="/tmp/v.mp4", size_bytes=1, attempt=3)
+    return DownloadedVideo(path="001-d1.mp4", size_bytes=1, attempt=3)
+
+
+@activity.defn(name="check_clip")
+async def check_double(input: CheckClipInput) -> ClipChecked:
+    return ClipChecked(duration_seconds=2.0, frames=48, motion=1.0)
+
+
+@activity.defn(name="stitch_video")
+async def stitch_double(input: StitchInput) -> StitchedVideo:
+    return StitchedVideo(path=".final.mp4", duration_seconds=2.0, mode="copy")
 
 
 @activity.defn(name="verify_video")
 async def verify_double(input: VerifyVideoInput) -> VideoInfo:
     return VideoInfo(duration_seconds=2.0, width=64, height=64, codec="h264")
+
+
+@activity.defn(name="publish_video")
+async def publish_double(input: PublishVideoInput) -> DownloadedVideo:
+    return DownloadedVideo(path="final.mp4", size_bytes=1, attempt=1)
 
 
 @activity.defn(name="record_cost")
@@ -161,15 +192,22 @@ async def test_download_retry_policy_spacing(skipping_env: WorkflowEnvironment) 
     queue = f"logic-{uuid.uuid4().hex[:8]}"
     doubles = [
         validate_double,
-        extract_double,
+        plan_double,
+        record_scene_double,
         start_double,
         poll_double,
         download_double,
+        check_double,
+        stitch_double,
         verify_double,
+        publish_double,
         cost_double,
     ]
     async with Worker(
-        skipping_env.client, task_queue=queue, workflows=[RenderVideo], activities=doubles
+        skipping_env.client,
+        task_queue=queue,
+        workflows=[RenderVideo, RenderScene],
+        activities=doubles,
     ):
         result = await skipping_env.client.execute_workflow(
             RenderVideo.run,
