@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# After refusing a streamed body, how long (and how much more of it) is read and dropped before
+# the connection closes. Closing on unread bytes makes the kernel answer with a reset, which
+# can wipe the 413 from the client's buffers before it reads it (RFC 9112, section 9.6): a
+# client that reads while it sends gets this long to see the answer and stop.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -14,9 +22,10 @@ class BodyTooLarge(Exception):
 class BodyLimit:
     """Refuses request bodies over `max_bytes` with 413 and a JSON body.
 
-    A declared Content-Length over the cap is refused before a byte of the body is read. A
-    body without one (chunked) is counted as it streams in, and refused once it passes the
-    cap: the route never holds more than the cap in memory.
+    A declared Content-Length over the cap is refused before a byte of the body is read (a
+    client that waits for `100 Continue` never sends it). A body without one (chunked) is
+    counted as it streams in, and refused once it passes the cap: the route never holds more
+    than the cap in memory.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -59,9 +68,9 @@ class BodyLimit:
         except BodyTooLarge:
             if started:
                 raise
-            await self._refuse(send)
+            await self._refuse(send, linger=receive)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, linger: Receive | None = None) -> None:
         body = json.dumps(
             {"detail": f"Request body too large: at most {self.max_bytes} bytes are accepted"}
         ).encode()
@@ -77,4 +86,28 @@ class BodyLimit:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        if linger is None:
+            await send({"type": "http.response.body", "body": body})
+            return
+        # The whole answer goes out now; the response ends once the lingering is over.
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await _drain(linger)
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _drain(receive: Receive) -> None:
+    """Reads and drops what more of the body comes, for a bounded time and size."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_SECONDS
+    drained = 0
+    while drained < LINGER_BYTES:
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
