@@ -180,9 +180,50 @@ class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
 
+_VIEW_SCHEMAS = [
+    {"$ref": f"#/components/schemas/{name}"} for name in ("PendingJob", "CompletedJob", "ClosedJob")
+]
+_END_REASONS = ["finished", "idle", "max_duration", "deleted", "unavailable"]
+# One event, as Open API (before 3.2's itemSchema) describes a text/event-stream: its `data` is
+# JSON text of the job's view; `end` adds why the stream ends.
+_EVENT_SCHEMA = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": "progress"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"oneOf": _VIEW_SCHEMAS},
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": "end"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {
+                        "allOf": [{"oneOf": _VIEW_SCHEMAS}],
+                        "required": ["reason"],
+                        "properties": {"reason": {"enum": _END_REASONS}},
+                    },
+                },
+            },
+        },
+    ]
+}
+
+
 @router.get(
     "/{job_id}/events",
-    response_class=EventStream,
+    # The error answers are JSON; only the 200 is an event stream.
+    response_class=StreamingResponse,
     responses={
         200: {
             "description": "Server-Sent Events: `event: progress` with the job's view (as "
@@ -190,7 +231,7 @@ class EventStream(StreamingResponse):
             "view and a `reason`: `finished`, `idle` (no run is going: nothing changes until "
             "someone acts), `max_duration` (the stream reached EVENTS_MAX_SECONDS: reconnect), "
             "`deleted` or `unavailable`",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
         },
         **error_responses(401, 404, 422, 503),
     },
@@ -253,7 +294,7 @@ async def _event_stream(
         try:
             job = await reads.get(job_id)
         except JobNotFound:
-            yield _sse("end", {"job_id": job_id, "status": "deleted", "reason": "deleted"})
+            yield _sse("end", {**view, "reason": "deleted"})
             return
         except OperationalError:
             yield _sse("end", {**view, "reason": "unavailable"})
