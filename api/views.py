@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Response
 from pydantic import TypeAdapter
 
 from api.models import ClosedJob, CompletedJob, JobView, PendingJob, Progress
@@ -71,6 +72,13 @@ def job_view(
         workflow_id=job["workflow_id"],
         **budget,
     )
+
+
+def view_response(view: PendingJob | CompletedJob | ClosedJob) -> Response:
+    """The view as the response: already validated when it was made, so FastAPI's second
+    validation of the route's response model (a third of a GET's cost) is skipped. The model
+    still documents the answer."""
+    return Response(_VIEW.dump_json(view, exclude_unset=True), media_type="application/json")
 
 
 def view_json(view: PendingJob | CompletedJob | ClosedJob) -> dict[str, Any]:

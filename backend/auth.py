@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, bindparam
+from sqlalchemy import select as sa_select
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from backend.settings import Settings
@@ -84,6 +85,12 @@ def key_id_of(key: str) -> str | None:
     return match.group(1) if match else None
 
 
+_KEYS = ApiKey.__table__  # type: ignore[attr-defined]
+_LIVE_KEYS = sa_select(_KEYS.c.key_id, _KEYS.c.tenant, _KEYS.c.key_hash).where(
+    _KEYS.c.key_id.in_(bindparam("key_ids", expanding=True)), _KEYS.c.revoked_at.is_(None)
+)
+
+
 class KeyStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -136,12 +143,9 @@ class KeyStore:
         by_id = {key_id: key for key in keys if (key_id := key_id_of(key))}
         if not by_id:
             return {}
-        with Session(self.engine) as session:
-            rows = session.exec(
-                select(ApiKey.key_id, ApiKey.tenant, ApiKey.key_hash).where(
-                    col(ApiKey.key_id).in_(list(by_id)), col(ApiKey.revoked_at).is_(None)
-                )
-            ).all()
+        # A Core select: every request's path, so no ORM session or instances.
+        with self.engine.connect() as conn:
+            rows = conn.execute(_LIVE_KEYS, {"key_ids": list(by_id)}).all()
         found: dict[str, str] = {}
         for key_id, tenant, key_hash in rows:
             key = by_id[key_id]

@@ -15,8 +15,9 @@ from sqlmodel import Session, select
 from support import Stack, api_client, running_stack
 from temporalio.testing import WorkflowEnvironment
 
-from backend.auth import ApiKey, KeyStore, url_signing_key, video_signature
+from backend.auth import ApiKey, KeyStore, dev_api_key, url_signing_key, video_signature
 from backend.database import make_engine
+from backend.settings import Settings
 from local_replicate.testing import RunningServer
 
 BIN = Path(sys.executable).parent
@@ -278,3 +279,16 @@ def test_keys_cli_creates_lists_and_revokes(tmp_path: Path) -> None:
     assert keys.tenant_of(key) is None
     assert run("revoke", "0000000000000000").returncode == 1
     assert run("create", "--tenant", "no spaces").returncode == 2
+
+
+def test_the_dev_key_is_kept_and_renewed_once_revoked(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path / "DATA")  # type: ignore[call-arg]
+    keys = KeyStore(make_engine(settings.resolved_database_url))
+    first = dev_api_key(settings, keys)
+    assert keys.tenant_of(first) == "default"
+    assert dev_api_key(settings, keys) == first
+    assert stat.S_IMODE(os.stat(settings.dev_api_key_file).st_mode) == 0o600
+    keys.revoke(first.split("_")[1])
+    second = dev_api_key(settings, keys)
+    assert second != first and keys.tenant_of(second) == "default"
+    assert settings.dev_api_key_file.read_text().strip() == second

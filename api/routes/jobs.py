@@ -36,7 +36,7 @@ from api.models import (
 )
 from api.reads import JobReads, ProgressCache
 from api.security import OwnedJob, ProtectedRoute, TenantDep
-from api.views import VideoSigner, job_view, view_json
+from api.views import VideoSigner, job_view, view_json, view_response
 from backend.database import ACTIVE, FINISHED, JobConflict, JobNotFound, JobStatus
 from backend.orchestration import cancel_render, start_render
 from backend.settings import Settings
@@ -173,7 +173,7 @@ async def cancel(
 async def get_job_status(
     job: OwnedJob, progress: ProgressDep, temporal: TemporalDep, signer: SignerDep
 ) -> Any:
-    return job_view(job, signer, await progress.get(temporal, job))
+    return view_response(job_view(job, signer, await progress.get(temporal, job)))
 
 
 class EventStream(StreamingResponse):
