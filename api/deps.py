@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from temporalio.client import Client
 
 from api.reads import JobReads, ProgressCache
+from api.views import VideoSigner
 from backend.database import JobStore
 from backend.provider import ProviderClient
 from backend.settings import Settings
@@ -41,9 +42,14 @@ async def get_progress(request: Request) -> ProgressCache:
     return request.app.state.progress
 
 
+async def get_signer(request: Request) -> VideoSigner:
+    return request.app.state.signer
+
+
 StoreDep = Annotated[JobStore, Depends(get_store)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 ProviderDep = Annotated[ProviderClient, Depends(get_provider)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ReadsDep = Annotated[JobReads, Depends(get_reads)]
 ProgressDep = Annotated[ProgressCache, Depends(get_progress)]
+SignerDep = Annotated[VideoSigner, Depends(get_signer)]

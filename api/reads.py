@@ -1,4 +1,4 @@
-"""GET's side of the API: job reads batched together, and running jobs' progress answers
+"""The API's reads: job and key lookups batched together, and running jobs' progress answers
 shared between their readers. One of each per app, made in its lifespan."""
 
 from __future__ import annotations
@@ -7,11 +7,13 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from temporalio.client import Client
 
+from backend.auth import KeyStore
 from backend.database import ACTIVE, JobNotFound, JobStore
 from workflows.payloads import workflow_id_for
 from workflows.render_video import RenderVideo
@@ -19,6 +21,9 @@ from workflows.render_video import RenderVideo
 log = logging.getLogger("api")
 
 QUERY_TIMEOUT = timedelta(seconds=2)
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 async def live_progress(client: Client, job: dict[str, Any]) -> dict[str, Any] | None:
@@ -83,50 +88,74 @@ class ProgressCache:
                 del self._answers[job_id]
 
 
-class JobReads:
-    """GET's reads of the job store, in batches: the reads asked for while one batch runs go
-    together in the next, with one thread hop and one query for all of them.
+class BatchedReads(Generic[K, V]):
+    """Reads of one kind, in batches: the reads asked for while one batch runs go together in
+    the next, with one thread hop and one query for all of them.
 
     Under many pollers the hop to a thread and a connection per read cost more than the read
     itself. A batch starts after its requests arrived, so each still sees every write that was
-    committed before it came. The jobs it returns are shared between requests: read only.
+    committed before it came. What a batch returns is shared between requests: read only.
     """
 
-    BATCH = 100  # ids per query, well under any database's limit on parameters
+    BATCH = 100  # keys per query, well under any database's limit on parameters
 
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
-        self._waiting: list[tuple[int, asyncio.Future[dict[str, Any] | None]]] = []
+    def __init__(self, fetch: Callable[[set[K]], dict[K, V]]) -> None:
+        self._fetch = fetch
+        self._waiting: list[tuple[K, asyncio.Future[V | None]]] = []
         self._reading: asyncio.Task[None] | None = None
 
-    async def get(self, job_id: int) -> dict[str, Any]:
-        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((job_id, future))
+    async def lookup(self, key: K) -> V | None:
+        """The value for `key`; None when there is none."""
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, future))
         if self._reading is None:
             self._reading = asyncio.create_task(self._read())
-        job = await future
-        if job is None:
-            raise JobNotFound(job_id)
-        return job
+        return await future
 
     async def _read(self) -> None:
-        batch: list[tuple[int, asyncio.Future[dict[str, Any] | None]]] = []
+        batch: list[tuple[K, asyncio.Future[V | None]]] = []
         try:
             while self._waiting:
                 batch = self._waiting[: self.BATCH]
                 del self._waiting[: self.BATCH]
                 try:
-                    jobs = await asyncio.to_thread(self.store.get_many, {i for i, _ in batch})
+                    found = await asyncio.to_thread(self._fetch, {k for k, _ in batch})
                 except Exception as exc:  # noqa: BLE001 - each request fails with it, as before
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for job_id, future in batch:
+                for key, future in batch:
                     if not future.done():  # its request may have gone away
-                        future.set_result(jobs.get(job_id))
+                        future.set_result(found.get(key))
         finally:
             self._reading = None
             # Left unanswered only if this task was cancelled, as the loop shuts down.
             for _, future in batch + self._waiting:
                 future.cancel()
+
+
+class JobReads(BatchedReads[int, dict[str, Any]]):
+    """GET's reads of the job store, batched."""
+
+    def __init__(self, store: JobStore) -> None:
+        super().__init__(store.get_many)
+        self.store = store
+
+    async def get(self, job_id: int) -> dict[str, Any]:
+        job = await self.lookup(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+
+class KeyReads(BatchedReads[str, str]):
+    """Every request's API key looked up (a tenant, or None for an unknown or revoked key),
+    batched like the job reads: no key is cached, so a revocation holds from the next
+    request on."""
+
+    def __init__(self, keys: KeyStore) -> None:
+        super().__init__(keys.tenants_of)
+
+    async def tenant_of(self, key: str) -> str | None:
+        return await self.lookup(key)

@@ -1,4 +1,5 @@
-"""`render-video`: run the whole local stack, or render the sample storyboard through it."""
+"""`render-video`: run the whole local stack, render the sample storyboard through it, or
+manage the API's keys."""
 
 from __future__ import annotations
 
@@ -19,7 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backend.auth import KeyStore, dev_api_key
+from backend.database import make_engine
 from backend.settings import Settings, get_settings
+
+
+def key_store(settings: Settings) -> KeyStore:
+    return KeyStore(make_engine(settings.resolved_database_url))
+
+
+def local_key(settings: Settings) -> str:
+    """The dev stack's key, kept in DATA_DIR/dev-api-key (made or renewed as needed)."""
+    return dev_api_key(settings, key_store(settings))
 
 
 def temporal_binary() -> str:
@@ -248,6 +260,7 @@ def running_stack(settings: Settings, *, quiet: bool = False) -> Iterator[Stack]
 
 def cmd_dev(settings: Settings) -> int:
     print("Starting the local stack (Ctrl-C stops it)...", flush=True)
+    key = local_key(settings)
     try:
         with running_stack(settings) as stack:
             base = f"http://{settings.api_host}:{settings.api_port}"
@@ -255,6 +268,15 @@ def cmd_dev(settings: Settings) -> int:
             print(f"Temporal UI: http://127.0.0.1:{settings.temporal_ui_port}", flush=True)
             if settings.uses_local_renderer:
                 print(f"Renderer:    local render server on port {settings.local_render_port}")
+            print(f"API key:     {key}  (tenant default, kept in DATA_DIR/dev-api-key)")
+            scene = f'{{"image_url": "{base}/samples/scene-1.jpg", "duration_seconds": 2}}'
+            print(
+                "Try it:\n"
+                f"  KEY={key}\n"
+                f'  curl -s -X POST {base}/api/v2/jobs -H "Authorization: Bearer $KEY" \\\n'
+                f"    -H 'Content-Type: application/json' -d '{{\"storyboard\": [{scene}]}}'",
+                flush=True,
+            )
             try:
                 return _supervise(stack)
             except KeyboardInterrupt:
@@ -294,11 +316,12 @@ SAMPLE_SCENES = [
 ]
 
 
-def _http(method: str, url: str, body: Any = None) -> dict[str, Any]:
+def _http(method: str, url: str, key: str, body: Any = None) -> dict[str, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Authorization": f"Bearer {key}"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -323,18 +346,19 @@ STAGE_FRACTION = {
 
 def run_demo(settings: Settings, stack: Stack | None = None, timeout: float = 300) -> int:
     base = f"http://{settings.api_host}:{settings.api_port}"
+    key = local_key(settings)
     scenes = [
         {"image_url": f"{base}/samples/{name}", "prompt": prompt, "duration_seconds": 2}
         for name, prompt in SAMPLE_SCENES
     ]
-    job = _http("POST", f"{base}/api/v2/jobs", {"storyboard": {"scenes": scenes}})
+    job = _http("POST", f"{base}/api/v2/jobs", key, {"storyboard": {"scenes": scenes}})
     job_id = job["job_id"]
-    started = _http("POST", f"{base}/api/v2/jobs/{job_id}/approve")
+    started = _http("POST", f"{base}/api/v2/jobs/{job_id}/approve", key)
     print(f"Job {job_id}: rendering as workflow {started['workflow_id']}", flush=True)
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        status = _http("GET", f"{base}/api/v2/jobs/{job_id}")
+        status = _http("GET", f"{base}/api/v2/jobs/{job_id}", key)
         if status["status"] in ("completed", "failed", "cancelled", "expired"):
             break
         problem = stack.failed_child() if stack else None
@@ -373,14 +397,55 @@ def cmd_demo(settings: Settings) -> int:
         return run_demo(settings, stack)
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    keys = key_store(settings)
+    if args.keys_command == "create":
+        try:
+            new = keys.create(args.tenant, label=args.label)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        print(f"Key id: {new.key_id}")
+        print(f"Tenant: {new.tenant}")
+        print("The key (shown only now; only its hash is stored):")
+        print(new.key)
+        return 0
+    if args.keys_command == "list":
+        rows = [
+            (k.key_id, k.tenant, k.label or "", k.created_at[:19], (k.revoked_at or "")[:19])
+            for k in keys.list()
+        ]
+        header = ("KEY ID", "TENANT", "LABEL", "CREATED (UTC)", "REVOKED (UTC)")
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            cells = (str(cell).ljust(w) for cell, w in zip(row, widths, strict=True))
+            print("  ".join(cells).rstrip())
+        return 0
+    if keys.revoke(args.key_id):
+        print(f"Revoked key {args.key_id}; requests with it are refused from now on")
+        return 0
+    print(f"No key has the id {args.key_id}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="render-video", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("dev", help="run Temporal, the render server, the worker and the API")
     sub.add_parser("demo", help="render the sample storyboard end to end and print the MP4")
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key for a tenant; prints it once")
+    create.add_argument("--tenant", required=True, help="whose jobs the key creates and sees")
+    create.add_argument("--label", help="a note, e.g. who holds the key")
+    keys_sub.add_parser("list", help="every key: id, tenant, label, created, revoked")
+    revoke = keys_sub.add_parser("revoke", help="refuse a key from the next request on")
+    revoke.add_argument("key_id")
     args = parser.parse_args(argv)
     settings = get_settings()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.command == "keys":
+        return cmd_keys(settings, args)
     if args.command == "dev":
         return cmd_dev(settings)
     try:

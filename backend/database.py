@@ -23,6 +23,7 @@ from sqlalchemy import (
     Index,
     Integer,
     Numeric,
+    String,
     Text,
     bindparam,
     event,
@@ -36,6 +37,9 @@ from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
+# Imported for its table: api_keys is part of the store's schema.
+from backend import auth as _auth  # noqa: F401
+from backend.auth import DEFAULT_TENANT
 from backend.settings import get_settings
 from backend.storyboard import NO_STORYBOARD, Storyboard
 from workflows.payloads import workflow_id_for
@@ -92,6 +96,11 @@ class Job(SQLModel, table=True):
     duration_seconds: float | None = None
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
+    # The tenant of the API key that created the job: no other tenant can see or change it.
+    tenant: str = Field(
+        default=DEFAULT_TENANT,
+        sa_column=Column(String(64), nullable=False, server_default=text(f"'{DEFAULT_TENANT}'")),
+    )
 
 
 class SceneRecord(SQLModel, table=True):
@@ -153,13 +162,18 @@ class PredictionLedger(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=_now)
 
 
-class WebhookDelivery(SQLModel, table=True):
-    """Webhook ids already acted on: Replicate retries with the same id."""
+class WebhookReceipt(SQLModel, table=True):
+    """Webhook deliveries already acted on: Replicate retries a delivery with the same id.
 
-    __tablename__ = "webhook_deliveries"
+    Keyed by the webhook id and the prediction the signed body named, so that a delivery
+    replayed with another prediction cannot mark the real one as seen. (It replaces
+    `webhook_deliveries`, keyed by the webhook id alone, which older stores still hold.)
+    """
+
+    __tablename__ = "webhook_receipts"
 
     webhook_id: str = Field(primary_key=True, max_length=200)
-    prediction_id: str | None = Field(default=None, max_length=128)
+    prediction_id: str = Field(primary_key=True, max_length=128)
     received_at: datetime = Field(default_factory=_now)
 
 
@@ -182,20 +196,24 @@ class JobConflict(RuntimeError):
     """The job is in a state that does not allow the request."""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, lock_timeout: float = 30.0) -> Engine:
+    """lock_timeout: how long a SQLite connection waits for another's lock before it fails
+    with "database is locked" (the API waits less than the worker: its client can retry)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         # The API, the worker and the CLI may share one SQLite file: wait for locks
         # instead of failing, and let readers run beside the writer.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": lock_timeout}
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
             cursor.close()
 
     else:
@@ -292,6 +310,7 @@ def job_to_dict(job: Job | Row[Any]) -> dict[str, Any]:
         "duration_seconds": job.duration_seconds,
         "created_at": _utc_iso(job.created_at),
         "updated_at": _utc_iso(job.updated_at),
+        "tenant": job.tenant,
     }
 
 
@@ -316,8 +335,14 @@ class JobStore:
             session.add(job)
             session.commit()
 
-    def create(self, storyboard: Any = None, *, max_cost: Decimal | None = None) -> int:
-        job = Job(max_cost=max_cost)
+    def create(
+        self,
+        storyboard: Any = None,
+        *,
+        max_cost: Decimal | None = None,
+        tenant: str = DEFAULT_TENANT,
+    ) -> int:
+        job = Job(max_cost=max_cost, tenant=tenant)
         if storyboard is not None:
             job.storyboard_data = Storyboard.parse(storyboard).to_json()
             job.status = JobStatus.READY
@@ -863,15 +888,16 @@ class JobStore:
 
     # -- webhooks --
 
-    def remember_webhook(self, webhook_id: str, prediction_id: str | None) -> bool:
-        """True the first time a webhook id is seen; False for a repeat."""
+    def remember_webhook(self, webhook_id: str, prediction_id: str) -> bool:
+        """True the first time this delivery (webhook id and prediction) is seen; False for
+        a repeat."""
         with Session(self.engine) as session:
-            session.add(WebhookDelivery(webhook_id=webhook_id, prediction_id=prediction_id))
+            session.add(WebhookReceipt(webhook_id=webhook_id, prediction_id=prediction_id))
             return _commit_unless_duplicate(session)
 
-    def seen_webhook(self, webhook_id: str) -> bool:
+    def seen_webhook(self, webhook_id: str, prediction_id: str) -> bool:
         with Session(self.engine) as session:
-            return session.get(WebhookDelivery, webhook_id) is not None
+            return session.get(WebhookReceipt, (webhook_id, prediction_id)) is not None
 
 
 def _scene_dict(row: SceneRecord) -> dict[str, Any]:

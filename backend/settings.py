@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # With no REPLICATE_API_TOKEN the embedded local render server stands in for Replicate;
 # it accepts any bearer token, so this one only marks requests as ours.
@@ -72,6 +73,22 @@ class Settings(BaseSettings):
     review_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
     # How often the Server-Sent Events stream looks at a running job's progress.
     events_interval_seconds: float = Field(default=1.0, gt=0)
+    # A stream ends (event `end`, reason `max_duration`) after this long; clients reconnect.
+    events_max_seconds: float = Field(default=3600.0, gt=0)
+
+    # The API's security boundary.
+    # HMAC key of the signed video links; default: a random key kept in
+    # DATA_DIR/url-signing.key, made by the first API process that needs it.
+    url_signing_secret: str | None = Field(default=None, min_length=16)
+    signed_url_ttl_seconds: int = Field(default=3600, gt=0)
+    # Browser origins allowed to call the API (CORS); none by default. Comma-separated or a
+    # JSON list.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Every request body is refused (413) past this size, before it is read in full.
+    max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+    # How long the API waits for a locked SQLite database before it answers 503; the worker
+    # waits longer (30 s): it has no client to tell to retry.
+    db_lock_timeout_seconds: float = Field(default=10.0, gt=0)
 
     # Runs kept in the worker's memory between their tasks; a run that is not is replayed
     # from its history when its next task comes. Each costs about 0.2 MB, so the default
@@ -109,6 +126,15 @@ class Settings(BaseSettings):
     def _no_empty_path(cls, value: Any) -> Any:
         # MODEL_PROFILES_FILE= (empty) means no file, not the current directory.
         return None if isinstance(value, str) and not value.strip() else value
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [origin.strip() for origin in text.split(",") if origin.strip()]
+        return value
 
     @field_validator("public_base_url")
     @classmethod
@@ -150,6 +176,15 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def url_signing_key_file(self) -> Path:
+        return self.data_dir / "url-signing.key"
+
+    @property
+    def dev_api_key_file(self) -> Path:
+        """The key `render-video dev` and `demo` use, kept between runs."""
+        return self.data_dir / "dev-api-key"
 
     @property
     def videos_dir(self) -> Path:

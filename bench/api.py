@@ -43,10 +43,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _load(port: int, paths: list[str], seconds: float, server_pid: int) -> dict[str, Any]:
+def _load(
+    port: int, paths: list[str], seconds: float, server_pid: int, key: str = ""
+) -> dict[str, Any]:
     cpu0 = _cpu_seconds(server_pid)
+    auth = ["--header", f"Authorization: Bearer {key}"] if key else []
     out = subprocess.run(
-        [python(), "-m", "bench.api_load", "--port", str(port),
+        [python(), "-m", "bench.api_load", "--port", str(port), *auth,
          *(arg for path in paths for arg in ("--path", path)),
          "--connections", str(CONNECTIONS), "--warmup", str(WARMUP), "--seconds", str(seconds)],
         capture_output=True, check=True, cwd=ROOT, text=True, timeout=WARMUP + seconds + 60,
@@ -83,7 +86,9 @@ def _create(stack: Stack) -> str:
         {"image_url": f"{stack.api}/samples/{name}", "prompt": prompt, "duration_seconds": 2}
         for name, prompt in SAMPLE_SCENES
     ]
-    created = httpx.post(f"{stack.api}/api/v2/jobs", json={"storyboard": {"scenes": scenes}})
+    created = httpx.post(
+        f"{stack.api}/api/v2/jobs", json={"storyboard": {"scenes": scenes}}, headers=stack.headers
+    )
     return f"/api/v2/jobs/{created.raise_for_status().json()['job_id']}"
 
 
@@ -91,10 +96,11 @@ def _job(stack: Stack, want: str, timeout: float = 120) -> tuple[str, dict[str, 
     """Creates and approves a job; returns its path once GET shows `want` (for `rendering`:
     the run answers `progress`, and waits for the render server)."""
     base, path = stack.api, _create(stack)
-    httpx.post(f"{base}{path}/approve", timeout=30).raise_for_status()
+    httpx.post(f"{base}{path}/approve", timeout=30, headers=stack.headers).raise_for_status()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        view = httpx.get(f"{base}{path}", timeout=10).raise_for_status().json()
+        view = httpx.get(f"{base}{path}", timeout=10, headers=stack.headers)
+        view = view.raise_for_status().json()
         live = view.get("live") or {}
         if view["status"] == want and (want != "rendering" or live.get("stage") == "rendering"):
             return path, view
@@ -138,9 +144,10 @@ def body(result: Result) -> None:
         others_cpu = {name: _cpu_seconds(pid) for name, pid in others.items()}
         for _ in range(ROUNDS):
             for name, (port, paths, pid) in targets.items():
-                runs[name].append(_load(port, paths, SECONDS, pid))
+                # The same request, key included, to ours and to the bare endpoint.
+                runs[name].append(_load(port, paths, SECONDS, pid, stack.key))
         others_cpu = {n: round(_cpu_seconds(pid) - others_cpu[n], 2) for n, pid in others.items()}
-        after = httpx.get(f"{stack.api}{slow_path}", timeout=10).json()
+        after = httpx.get(f"{stack.api}{slow_path}", timeout=10, headers=stack.headers).json()
         if after["status"] != "rendering" or not after.get("live"):
             raise RuntimeError(f"the rendering job changed under the load: {after}")
 

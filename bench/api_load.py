@@ -86,11 +86,17 @@ class Conn(asyncio.Protocol):
 
 
 async def load(
-    port: int, paths: list[str], connections: int, warmup: float, seconds: float
+    port: int,
+    paths: list[str],
+    connections: int,
+    warmup: float,
+    seconds: float,
+    headers: list[str] | None = None,
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
+    extra = "".join(f"{header}\r\n" for header in headers or [])
     requests = [
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\n\r\n".encode()
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\n{extra}\r\n".encode()
         for path in paths
     ]
     stats: dict[str, Any] = {
@@ -156,13 +162,16 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--header", action="append", help="'Name: value' sent with every request")
     ap.add_argument("--serve", type=int, metavar="PORT", help="run the trivial server instead")
     args = ap.parse_args()
     if args.serve:
         asyncio.run(serve(args.serve))
         return
     paths = args.path or ["/"]
-    out = asyncio.run(load(args.port, paths, args.connections, args.warmup, args.seconds))
+    out = asyncio.run(
+        load(args.port, paths, args.connections, args.warmup, args.seconds, args.header)
+    )
     print(json.dumps(out))
 
 

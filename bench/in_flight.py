@@ -58,11 +58,11 @@ async def drive(stack: Stack, address: str, samples: list[dict[str, float]]) -> 
     metrics_url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
     storyboard = {
         "scenes": [
-            {"image_url": f"{api}/samples/scene-1.jpg", "prompt": "x", "duration_seconds": 0.25}
+            {"image_url": f"{api}/samples/scene-1.jpg", "prompt": "x", "duration_seconds": 0.5}
         ]
     }
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=stack.headers) as http:
         sem = asyncio.Semaphore(50)
 
         async def create_and_approve() -> int:

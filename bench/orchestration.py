@@ -62,13 +62,15 @@ async def closed_loop(
     return latencies, time.perf_counter() - t0
 
 
-async def measure(api: str, temporal_address: str, pids: dict[str, int]) -> dict[str, Any]:
+async def measure(
+    api: str, temporal_address: str, pids: dict[str, int], headers: dict[str, str]
+) -> dict[str, Any]:
     client = await Client.connect(temporal_address)
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as http:
         storyboard = {
             "scenes": [
-                {"image_url": f"{api}/samples/scene-1.jpg", "prompt": "x", "duration_seconds": 0.25}
+                {"image_url": f"{api}/samples/scene-1.jpg", "prompt": "x", "duration_seconds": 0.5}
             ]
         }
 
@@ -197,7 +199,7 @@ def body(result: Result) -> None:
         stack.callback(_stop, bare)
         pids = {name: proc.pid for name, proc in ours.procs.items()}
         pids |= {"temporal": temporal_pid(dir), "bare-worker": bare.pid, "bench": os.getpid()}
-        raw = asyncio.run(measure(ours.api, address, pids))
+        raw = asyncio.run(measure(ours.api, address, pids, ours.headers))
         raw["direct"] = measure_direct(ours, raw.pop("direct_job_ids"), pids)
     result.raw.update(raw)
     for level in raw["levels"]:

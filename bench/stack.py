@@ -13,7 +13,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend.auth import KeyStore
 from backend.cli import temporal_dev_command
+from backend.database import make_engine
 
 from .common import free_port, wait_port
 
@@ -85,10 +87,16 @@ class Stack:
     metrics_port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    key: str = ""  # an API key of the tenant `bench`
 
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every request to the API sends: its key."""
+        return {"Authorization": f"Bearer {self.key}"}
 
     @property
     def render_server(self) -> str:
@@ -133,6 +141,9 @@ def product_stack(
         env["WORKER_METRICS_ADDRESS"] = f"127.0.0.1:{stack.metrics_port}"
     env.update(extra_env or {})
     stack.env = env
+    # The job store the API will open (DATA_DIR/jobs.db), with a key in it for the load.
+    jobs_db = (dir / "data" / "jobs.db").resolve()
+    stack.key = KeyStore(make_engine(f"sqlite:///{jobs_db}")).create("bench").key
     py = sys.executable
     with ExitStack() as stop:
         for name, args, port in (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
+from backend.auth import KeyStore
 from backend.database import JobStore, make_engine
 from backend.settings import Settings
 from local_replicate.testing import RunningServer
@@ -39,15 +40,40 @@ def make_settings(data_dir: Path, temporal_address: str, provider: str, **extra:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
+def new_key(store: JobStore, tenant: str = "default") -> str:
+    """A fresh API key of `tenant`, made in the stack's own store."""
+    return KeyStore(store.engine).create(tenant, label="tests").key
+
+
+def api_client(base_url: str, key: str | None, **kwargs: Any) -> httpx.AsyncClient:
+    """An httpx client for the API that sends `key` (None: no key) with every request."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30, **kwargs)
+
+
 @dataclass
 class Stack:
-    """A worker and the API for one test, on a Temporal env and the render server."""
+    """A worker and the API for one test, on a Temporal env and the render server.
+
+    `api` sends an API key of the tenant `default`; `client_for(tenant)` gives a client of
+    another tenant, and `anonymous()` one without a key.
+    """
 
     settings: Settings
     temporal: Client
     store: JobStore
     api: httpx.AsyncClient
     renderer: RunningServer
+
+    @property
+    def base_url(self) -> str:
+        return str(self.api.base_url).rstrip("/")
+
+    def client_for(self, tenant: str) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+        return api_client(self.base_url, new_key(self.store, tenant))
+
+    def anonymous(self) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+        return api_client(self.base_url, None)
 
     async def create_job(self, storyboard: Any = None) -> int:
         body = {"storyboard": storyboard} if storyboard is not None else None
@@ -56,7 +82,7 @@ class Stack:
         return response.json()["job_id"]
 
     def sample_scenes(self, count: int = 3, seconds: float = 1.0) -> list[dict[str, Any]]:
-        base = str(self.api.base_url).rstrip("/")
+        base = self.base_url
         return [
             {"image_url": f"{base}/samples/scene-{i % 5 + 1}.jpg", "duration_seconds": seconds}
             for i in range(count)
@@ -91,7 +117,7 @@ async def running_stack(
     with UvicornThread(create_app(settings)) as api_server:
         if webhooks:
             settings = settings.model_copy(update={"public_base_url": api_server.base_url})
-        async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as api:
+        async with api_client(api_server.base_url, new_key(store)) as api:
             stack = Stack(settings, env.client, store, api, renderer)
             if not worker:
                 yield stack

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlmodel import Session
-from support import Stack, make_settings
+from sqlalchemy.engine import make_url
+from sqlmodel import Session, select
+from support import Stack, api_client, make_settings, new_key, running_stack
+from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
 from backend.database import Job, JobStore, make_engine
@@ -78,7 +82,8 @@ async def test_malformed_bodies_are_422(stack: Stack) -> None:
 async def test_non_numeric_job_id_is_422(stack: Stack) -> None:
     response = await stack.api.get("/api/v2/jobs/abc")
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["path", "job_id"]
+    assert response.json()["errors"][0]["loc"] == ["path", "job_id"]
+    assert "job_id" in response.json()["detail"]
 
 
 async def test_create_with_storyboard_is_ready(stack: Stack) -> None:
@@ -104,7 +109,7 @@ async def test_out_of_range_job_ids_are_422_not_500(stack: Stack) -> None:
     ]:
         response = await stack.api.get(path)
         assert response.status_code == 422, (path, response.text)
-        assert response.json()["detail"][0]["loc"] == ["path", "job_id"]
+        assert response.json()["errors"][0]["loc"] == ["path", "job_id"]
     response = await stack.api.post("/api/v2/jobs/99999999999999999999999/approve")
     assert response.status_code == 422
 
@@ -122,8 +127,9 @@ async def test_approve_while_temporal_is_down_is_503_and_keeps_the_job(
     temporal_down: Settings,
 ) -> None:
     settings = temporal_down
+    key = new_key(JobStore(make_engine(settings.resolved_database_url)))
     with UvicornThread(create_app(settings)) as server:
-        async with httpx.AsyncClient(base_url=server.base_url) as api:
+        async with api_client(server.base_url, key) as api:
             created = await api.post(
                 "/api/v2/jobs", json={"storyboard": [{"image_url": "http://a/b.png"}]}
             )
@@ -144,7 +150,7 @@ async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
     settings = temporal_down
     store = JobStore(make_engine(settings.resolved_database_url))
     with UvicornThread(create_app(settings)) as server:
-        async with httpx.AsyncClient(base_url=server.base_url) as api:
+        async with api_client(server.base_url, new_key(store)) as api:
             created = await api.post(
                 "/api/v2/jobs", json={"storyboard": [{"image_url": "http://a/b.png"}]}
             )
@@ -176,7 +182,10 @@ async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
             assert view["status"] == "rendering" and view["live"] is None
 
             # A genuine webhook is refused with 503, so Replicate retries it later.
-            store.record_prediction(store.record_intent(job_id, "run-1", "d"), "p1", "created")
+            entry = store.record_intent(
+                job_id, "run-1", "digest", workflow_id=f"render-video-{job_id}"
+            )
+            assert store.record_prediction(entry, "p1", "created")
             body = json.dumps({"id": "p1", "status": "succeeded", "output": "http://a/v.mp4"})
             stamp = int(time.time())
             headers = {
@@ -188,7 +197,7 @@ async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
                 f"/api/v2/webhooks/replicate?job_id={job_id}", content=body, headers=headers
             )
             assert hook.status_code == 503, hook.text
-            assert not store.seen_webhook("msg_down")
+            assert not store.seen_webhook("msg_down", "p1")
 
 
 async def test_approve_refuses_a_job_whose_run_completed_but_whose_row_was_reset(
@@ -208,3 +217,162 @@ async def test_approve_refuses_a_job_whose_run_completed_but_whose_row_was_reset
     assert response.status_code == 409, response.text
     assert "refusing to render it again" in response.json()["detail"]
     assert stack.renderer.stats()["creates"] == 1
+
+
+# -- strict input --
+
+
+async def test_deeply_nested_storyboards_and_bodies_are_422_not_500(stack: Stack) -> None:
+    job_id = await stack.create_job()
+    deep = "[" * 1500 + "]" * 1500
+    as_text = json.dumps(deep).encode()  # a storyboard sent as a JSON string
+    cases = [
+        ("PUT", f"/api/v2/jobs/{job_id}/storyboard", as_text),
+        ("POST", "/api/v2/jobs", b'{"storyboard": ' + as_text + b"}"),
+        ("PUT", f"/api/v2/jobs/{job_id}/storyboard", deep.encode()),
+        ("POST", "/api/v2/jobs", b'{"storyboard": ' + deep.encode() + b"}"),
+        ("PUT", f"/api/v2/jobs/{job_id}/budget", b'{"max_cost": ' + deep.encode() + b"}"),
+    ]
+    for method, path, body in cases:
+        response = await stack.api.request(
+            method, path, content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, (path, body[:40], response.text)
+        detail = response.json()["detail"]
+        assert "nest" in detail, detail
+        assert "/" not in detail.replace("/api", "") and "<" not in detail, detail
+    assert stack.store.get(job_id)["status"] == "draft"
+
+
+async def test_scene_durations_must_be_numbers_of_at_least_half_a_second(stack: Stack) -> None:
+    job_id = await stack.create_job()
+    url = "http://a/b.png"
+    cases = {
+        "Scene 1 duration_seconds": [{"image_url": url, "duration_seconds": 1e-300}],
+        "Scene 2 duration_seconds": [
+            {"image_url": url},
+            {"image_url": url, "duration_seconds": "2"},
+        ],
+        "Scene 3 duration_seconds": [
+            {"image_url": url},
+            {"image_url": url},
+            {"image_url": url, "duration_seconds": False},
+        ],
+    }
+    for where, scenes in cases.items():
+        response = await stack.api.put(f"/api/v2/jobs/{job_id}/storyboard", json=scenes)
+        assert response.status_code == 422, (scenes, response.text)
+        assert where in response.json()["detail"], response.text
+    tiny = await stack.api.put(
+        f"/api/v2/jobs/{job_id}/storyboard", json=[{"image_url": url, "duration_seconds": 0.49}]
+    )
+    assert "0.5" in tiny.json()["detail"]
+    ok = await stack.api.put(
+        f"/api/v2/jobs/{job_id}/storyboard", json=[{"image_url": url, "duration_seconds": 0.5}]
+    )
+    assert ok.status_code == 200, ok.text
+
+
+async def test_unknown_fields_are_refused_by_name(stack: Stack) -> None:
+    job_id = await stack.create_job()
+    url = "http://a/b.png"
+    cases = [
+        (
+            "PUT",
+            f"/api/v2/jobs/{job_id}/storyboard",
+            [{"image_url": url, "durration": 3}],
+            "durration",
+        ),
+        ("PUT", f"/api/v2/jobs/{job_id}/storyboard", {"scenes": [], "fps": 24}, "fps"),
+        ("POST", "/api/v2/jobs", {"storyboard": [{"image_url": url}], "maxcost": 1}, "maxcost"),
+        ("POST", "/api/v2/jobs", {"storyboard": [{"imageurl": url}]}, "imageurl"),
+        ("PUT", f"/api/v2/jobs/{job_id}/budget", {"max_cost": 1, "currency": "EUR"}, "currency"),
+        ("POST", f"/api/v2/jobs/{job_id}/approve", {"approver": "ana"}, "approver"),
+        ("POST", "/api/v2/jobs", {"max_cost": "2.50"}, "max_cost"),
+    ]
+    for method, path, body, field in cases:
+        response = await stack.api.request(method, path, json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert field in response.json()["detail"], response.text
+    scene_2 = await stack.api.put(
+        f"/api/v2/jobs/{job_id}/storyboard", json=[{"image_url": url}, {"image_url": url, "x": 1}]
+    )
+    assert "Scene 2 x" in scene_2.json()["detail"]
+    assert stack.store.get(job_id)["status"] == "draft"
+
+
+async def test_a_locked_job_store_is_503_with_retry_after_and_nothing_half_made(
+    temporal_env: WorkflowEnvironment, renderer: RunningServer, tmp_path: Path
+) -> None:
+    async with running_stack(
+        temporal_env, renderer, tmp_path, worker=False, db_lock_timeout_seconds=0.5
+    ) as stack:
+        before = await stack.create_job()
+        path = make_url(stack.settings.resolved_database_url).database
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            response = await stack.api.post(
+                "/api/v2/jobs", json={"storyboard": [{"image_url": "http://a/locked.png"}]}
+            )
+            assert response.status_code == 503, response.text
+            assert int(response.headers["retry-after"]) > 0
+            assert "try again" in response.json()["detail"]
+            assert "/" not in response.json()["detail"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        with Session(stack.store.engine) as session:
+            jobs = session.exec(select(Job).where(Job.id > before)).all()
+        assert jobs == []
+        # Released, the same request goes through.
+        again = await stack.api.post(
+            "/api/v2/jobs", json={"storyboard": [{"image_url": "http://a/locked.png"}]}
+        )
+        assert again.status_code == 201, again.text
+
+
+async def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    events: list[tuple[str, dict]] = []
+    name = None
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: ") and name:
+            events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+async def test_events_of_a_job_without_a_run_end_at_once(stack: Stack) -> None:
+    for storyboard in (None, stack.sample_scenes(count=1)):
+        job_id = await stack.create_job(storyboard)
+        async with asyncio.timeout(30):
+            async with stack.api.stream("GET", f"/api/v2/jobs/{job_id}/events") as response:
+                assert response.status_code == 200
+                events = await read_events(response)
+        assert [name for name, _ in events] == ["progress", "end"]
+        assert events[0][1]["job_id"] == job_id
+        assert events[1][1]["reason"] == "idle"
+        assert events[1][1]["status"] == ("draft" if storyboard is None else "ready")
+
+
+async def test_events_of_a_running_job_end_after_events_max_seconds(
+    temporal_env: WorkflowEnvironment, renderer: RunningServer, tmp_path: Path, jobs_db: str
+) -> None:
+    async with running_stack(
+        temporal_env, renderer, tmp_path, database_url=jobs_db, events_max_seconds=1.0
+    ) as stack:
+        # The prediction stays `starting` for a minute: the job is rendering throughout.
+        stack.renderer.add_fault("slow_start", times=1, delay=60)
+        job_id = await stack.create_job(stack.sample_scenes(count=1))
+        await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+        async with asyncio.timeout(30):
+            async with stack.api.stream("GET", f"/api/v2/jobs/{job_id}/events") as response:
+                events = await read_events(response)
+        assert events[-1][0] == "end"
+        assert events[-1][1]["reason"] == "max_duration"
+        assert events[-1][1]["status"] == "rendering"
+        assert all(name == "progress" for name, _ in events[:-1])
+        cancelled = await stack.api.post(f"/api/v2/jobs/{job_id}/cancel")
+        assert cancelled.status_code == 202, cancelled.text
+        assert (await stack.wait_closed(job_id))["status"] == "cancelled"

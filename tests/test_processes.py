@@ -100,15 +100,26 @@ def test_dev_runs_the_stack_and_stops_every_child_on_sigterm(tmp_path: Path) -> 
         [str(BIN / "render-video"), "dev"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
     )
     try:
-        # `dev` prints the API's address once every child is up.
+        # `dev` prints the API's address once every child is up, then a key for it.
         assert proc.stdout is not None
         ready = False
+        key = None
         for line in proc.stdout:
-            if line.startswith("API:"):
-                ready = True
+            ready = ready or line.startswith("API:")
+            if line.startswith("API key:"):
+                key = line.split()[2]
                 break
         assert ready, "render-video dev exited before it was up"
-        assert httpx.get(f"http://127.0.0.1:{ports[0]}/healthz", timeout=5).status_code == 200
+        assert key is not None, "render-video dev printed no API key"
+        base = f"http://127.0.0.1:{ports[0]}"
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        # The key works (an unknown job, not a refused key), and is the one kept for reuse.
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{base}/api/v2/jobs/999", headers=auth, timeout=5).status_code == 404
+        assert httpx.get(f"{base}/api/v2/jobs/999", timeout=5).status_code == 401
+        kept = tmp_path / "DATA" / "dev-api-key"
+        assert kept.read_text().strip() == key
+        assert kept.stat().st_mode & 0o777 == 0o600
         assert all(port_open(port) for port in ports)
         assert (tmp_path / "DATA" / "temporal.db").exists()
     finally:
@@ -156,17 +167,20 @@ def test_dev_starts_a_killed_worker_again_and_its_renders_complete(tmp_path: Pat
         [worker] = _children_of(Path(env["DATA_DIR"]), "worker")
         os.kill(worker, signal.SIGKILL)
 
-        scenes = [{"image_url": f"{base}/samples/scene-1.jpg", "duration_seconds": 1}]
-        job = httpx.post(f"{base}/api/v2/jobs", json={"storyboard": scenes}).json()
-        httpx.post(f"{base}/api/v2/jobs/{job['job_id']}/approve").raise_for_status()
-        deadline = time.monotonic() + 90
-        status = {}
-        while time.monotonic() < deadline:
-            status = httpx.get(f"{base}/api/v2/jobs/{job['job_id']}").json()
-            if status["status"] not in ("ready", "rendering"):
-                break
-            time.sleep(0.2)
-        assert status["status"] == "completed", status
+        # `dev` keeps its key for the local stack in DATA_DIR.
+        key = (Path(env["DATA_DIR"]) / "dev-api-key").read_text().strip()
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as api:
+            scenes = [{"image_url": f"{base}/samples/scene-1.jpg", "duration_seconds": 1}]
+            job = api.post("/api/v2/jobs", json={"storyboard": scenes}).json()
+            api.post(f"/api/v2/jobs/{job['job_id']}/approve").raise_for_status()
+            deadline = time.monotonic() + 90
+            status = {}
+            while time.monotonic() < deadline:
+                status = api.get(f"/api/v2/jobs/{job['job_id']}").json()
+                if status["status"] not in ("ready", "rendering"):
+                    break
+                time.sleep(0.2)
+            assert status["status"] == "completed", status
         assert proc.poll() is None, "the stack stopped instead of starting the worker again"
         [new_worker] = _children_of(Path(env["DATA_DIR"]), "worker")
         assert new_worker != worker

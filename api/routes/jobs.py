@@ -1,0 +1,305 @@
+"""Jobs: create, set the storyboard and budget, approve or review (which starts the render),
+cancel, read and follow. Every route needs an API key and sees only its tenant's jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import OperationalError
+from temporalio.client import Client
+
+from api.deps import (
+    ProgressDep,
+    ProviderDep,
+    ReadsDep,
+    SettingsDep,
+    SignerDep,
+    StoreDep,
+    TemporalDep,
+)
+from api.errors import error_responses
+from api.models import (
+    ApproveBody,
+    Budget,
+    CancelAnswer,
+    CreateJob,
+    JobCreated,
+    JobView,
+    RenderStarted,
+    StoryboardInput,
+)
+from api.reads import JobReads, ProgressCache
+from api.security import OwnedJob, ProtectedRoute, TenantDep
+from api.views import VideoSigner, job_view, view_json, view_response
+from backend.database import ACTIVE, FINISHED, JobConflict, JobNotFound, JobStatus
+from backend.orchestration import cancel_render, start_render
+from backend.settings import Settings
+
+router = APIRouter(prefix="/api/v2/jobs", tags=["jobs"], route_class=ProtectedRoute)
+
+# Every job route: no key (401), not JSON (415), malformed (422), store or Temporal down (503).
+_COMMON = (401, 415, 422, 503)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobCreated,
+    responses=error_responses(*_COMMON, 413),
+    summary="Create a job, with or without its storyboard",
+)
+async def create_job(
+    tenant: TenantDep, store: StoreDep, body: CreateJob | None = None
+) -> JobCreated:
+    storyboard = body.storyboard if body else None
+    max_cost = body.max_cost if body else None
+    # One insert: when the store is locked nothing is written and the answer is 503.
+    job_id = await asyncio.to_thread(store.create, storyboard, max_cost=max_cost, tenant=tenant)
+    return JobCreated(job_id=job_id, status="ready" if storyboard is not None else "draft")
+
+
+@router.put(
+    "/{job_id}/storyboard",
+    response_model=JobView,
+    response_model_exclude_unset=True,
+    responses=error_responses(*_COMMON, 404, 409, 413),
+    summary="Set the storyboard; resets the approval",
+)
+async def put_storyboard(
+    job: OwnedJob,
+    store: StoreDep,
+    signer: SignerDep,
+    storyboard: Annotated[StoryboardInput, Body(description="The storyboard, in any of its forms")],
+) -> Any:
+    updated = await asyncio.to_thread(store.set_storyboard, job["id"], storyboard)
+    return job_view(updated, signer)
+
+
+@router.put(
+    "/{job_id}/budget",
+    response_model=JobView,
+    response_model_exclude_unset=True,
+    responses=error_responses(*_COMMON, 404, 409, 413),
+    summary="Set or clear (null) the job's max_cost while no run is going",
+)
+async def put_budget(job: OwnedJob, store: StoreDep, signer: SignerDep, body: Budget) -> Any:
+    updated = await asyncio.to_thread(store.set_budget, job["id"], body.max_cost)
+    return job_view(updated, signer)
+
+
+@router.post(
+    "/{job_id}/approve",
+    response_model=RenderStarted,
+    responses=error_responses(*_COMMON, 404, 409, 413),
+    summary="Approve and render: signals the run waiting in review, or starts one",
+)
+async def approve(
+    job: OwnedJob,
+    store: StoreDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    progress: ProgressDep,
+    body: ApproveBody | None = None,
+) -> RenderStarted:
+    job_id = job["id"]
+    approved = await asyncio.to_thread(store.approve, job_id)
+    approved_by = body.approved_by if body else None
+    try:
+        workflow_id = await start_render(temporal, store, settings, job_id, approved_by=approved_by)
+    finally:
+        progress.forget(job_id)
+    # A completed job is never rendered (or billed) again.
+    status = "completed" if approved["status"] == JobStatus.COMPLETED else "rendering_started"
+    return RenderStarted(status=status, job_id=job_id, workflow_id=workflow_id)
+
+
+@router.post(
+    "/{job_id}/review",
+    response_model=RenderStarted,
+    responses=error_responses(*_COMMON, 404, 409),
+    summary="Start a run that validates the storyboard, then waits for an approval",
+)
+async def submit_for_review(
+    job: OwnedJob,
+    store: StoreDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    progress: ProgressDep,
+) -> RenderStarted:
+    job_id = job["id"]
+    if job["status"] == JobStatus.COMPLETED:
+        raise JobConflict(f"Job {job_id} is already completed")
+    try:
+        workflow_id = await start_render(temporal, store, settings, job_id, review=True)
+    finally:
+        progress.forget(job_id)
+    return RenderStarted(status="in_review", job_id=job_id, workflow_id=workflow_id)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=CancelAnswer,
+    responses=error_responses(*_COMMON, 404, 409),
+    summary="Cancel the job's run",
+)
+async def cancel(
+    job: OwnedJob,
+    store: StoreDep,
+    temporal: TemporalDep,
+    provider: ProviderDep,
+    progress: ProgressDep,
+) -> CancelAnswer:
+    """The run cancels its prediction and cleans up; the job reads `cancelled` once it has."""
+    try:
+        return CancelAnswer(**await cancel_render(temporal, store, job["id"], provider))
+    finally:
+        progress.forget(job["id"])
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobView,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 404, 422, 503),
+    summary="The job's status",
+)
+async def get_job_status(
+    job: OwnedJob, progress: ProgressDep, temporal: TemporalDep, signer: SignerDep
+) -> Any:
+    return view_response(job_view(job, signer, await progress.get(temporal, job)))
+
+
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+_VIEW_SCHEMAS = [
+    {"$ref": f"#/components/schemas/{name}"} for name in ("PendingJob", "CompletedJob", "ClosedJob")
+]
+_END_REASONS = ["finished", "idle", "max_duration", "deleted", "unavailable"]
+# One event, as Open API (before 3.2's itemSchema) describes a text/event-stream: its `data` is
+# JSON text of the job's view; `end` adds why the stream ends.
+_EVENT_SCHEMA = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": "progress"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"oneOf": _VIEW_SCHEMAS},
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": "end"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {
+                        "allOf": [{"oneOf": _VIEW_SCHEMAS}],
+                        "required": ["reason"],
+                        "properties": {"reason": {"enum": _END_REASONS}},
+                    },
+                },
+            },
+        },
+    ]
+}
+
+
+@router.get(
+    "/{job_id}/events",
+    # The error answers are JSON; only the 200 is an event stream.
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `event: progress` with the job's view (as "
+            "`GET /api/v2/jobs/{id}` answers) whenever it changes, then `event: end` with the "
+            "view and a `reason`: `finished`, `idle` (no run is going: nothing changes until "
+            "someone acts), `max_duration` (the stream reached EVENTS_MAX_SECONDS: reconnect), "
+            "`deleted` or `unavailable`",
+            "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
+        },
+        **error_responses(401, 404, 422, 503),
+    },
+    summary="Follow the job live",
+)
+async def job_events(
+    job: OwnedJob,
+    request: Request,
+    reads: ReadsDep,
+    temporal: TemporalDep,
+    progress: ProgressDep,
+    signer: SignerDep,
+    settings: SettingsDep,
+) -> EventStream:
+    return EventStream(
+        _event_stream(job, request, reads, temporal, progress, signer, settings),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _event_stream(
+    job: dict[str, Any],
+    request: Request,
+    reads: JobReads,
+    temporal: Client,
+    progress: ProgressCache,
+    signer: VideoSigner,
+    settings: Settings,
+) -> AsyncIterator[str]:
+    # A cadence, not a retry: each tick reads the job and its run's shared progress answer
+    # (one query per job for all its streams and GETs) and sends what changed.
+    job_id = job["id"]
+    deadline = time.monotonic() + settings.events_max_seconds
+    interval = settings.events_interval_seconds
+    last: dict[str, Any] | None = None
+    quiet = 0.0
+    while True:
+        live = await progress.get(temporal, job) if job["status"] in ACTIVE else None
+        view = view_json(job_view(job, signer, live))
+        if view != last:
+            yield _sse("progress", view)
+            last, quiet = view, 0.0
+        elif quiet >= 15:
+            yield ": keep-alive\n\n"  # proxies drop connections that stay silent
+            quiet = 0.0
+        if job["status"] in FINISHED:
+            yield _sse("end", {**view, "reason": "finished"})
+            return
+        if job["status"] not in ACTIVE:
+            yield _sse("end", {**view, "reason": "idle"})
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            yield _sse("end", {**view, "reason": "max_duration"})
+            return
+        await asyncio.sleep(min(interval, remaining))
+        quiet += interval
+        if await request.is_disconnected():
+            return
+        try:
+            job = await reads.get(job_id)
+        except JobNotFound:
+            yield _sse("end", {**view, "reason": "deleted"})
+            return
+        except OperationalError:
+            yield _sse("end", {**view, "reason": "unavailable"})
+            return
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"

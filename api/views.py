@@ -1,0 +1,87 @@
+"""A job as the API shows it: the seed's response shapes, plus the job and workflow ids, the
+budget, and (while a run goes) the run's own progress from its `progress` query."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Response
+from pydantic import TypeAdapter
+
+from api.models import ClosedJob, CompletedJob, JobView, PendingJob, Progress
+from backend.auth import signed_video_path
+from backend.database import FINISHED, JobStatus
+
+
+class VideoSigner:
+    """Makes the signed, expiring links to finished videos."""
+
+    def __init__(self, secret: bytes, ttl: int) -> None:
+        self.secret = secret
+        self.ttl = ttl
+
+    def path(self, job_id: int) -> str:
+        return signed_video_path(self.secret, job_id, self.ttl)
+
+
+_VIEW: TypeAdapter[Any] = TypeAdapter(JobView)
+
+
+def job_view(
+    job: dict[str, Any], signer: VideoSigner, live: dict[str, Any] | None = None
+) -> PendingJob | CompletedJob | ClosedJob:
+    """Only the keys of the job's state are set: a response leaves the others out."""
+    status = job["status"]
+    budget: dict[str, Any] = {}
+    if status == JobStatus.COMPLETED:
+        if job["max_cost"] is not None:
+            budget = {"max_cost": job["max_cost"], "over_budget": job["over_budget"]}
+        return CompletedJob(
+            status=status,
+            job_id=job["id"],
+            video_url=job["video_url"],
+            signed_video_url=signer.path(job["id"]),
+            actual_cost=job["actual_cost"],
+            workflow_id=job["workflow_id"],
+            **budget,
+        )
+    if status in FINISHED:
+        return ClosedJob(
+            status=status,
+            job_id=job["id"],
+            error=job["error_message"],
+            workflow_id=job["workflow_id"],
+        )
+    # `progress` keeps the seed's four keys; `live` is the run's whole answer.
+    progress = dict(job["progress"])
+    if live is not None:
+        progress |= {
+            "current_stage": live["stage"],
+            "message": live["message"],
+            "scenes_total": live["scenes_total"] or progress["scenes_total"],
+            "scenes_completed": live["scenes_completed"],
+        }
+    if job["max_cost"] is not None:
+        budget = {"max_cost": job["max_cost"]}
+    return PendingJob(
+        status=status,
+        job_id=job["id"],
+        approved=job["approved"],
+        progress=Progress(**progress),
+        live=live,
+        workflow_id=job["workflow_id"],
+        **budget,
+    )
+
+
+def view_response(view: PendingJob | CompletedJob | ClosedJob) -> Response:
+    """The view as the response: already validated when it was made, so FastAPI's second
+    validation of the route's response model (a third of a GET's cost) is skipped. The model
+    still documents the answer."""
+    return Response(_VIEW.dump_json(view, exclude_unset=True), media_type="application/json")
+
+
+def view_json(view: PendingJob | CompletedJob | ClosedJob) -> dict[str, Any]:
+    """The view as a response body carries it (for the event stream)."""
+    data: dict[str, Any] = _VIEW.dump_python(view, mode="json", exclude_unset=True)
+    return data
