@@ -101,6 +101,12 @@ class ApproveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     approved_by: str | None = Field(default=None, max_length=200)
+    rerender: bool = Field(
+        default=False,
+        description="Fresh takes of every scene, even those whose clip is still good (a "
+        "completed job is rendered again); otherwise only scenes without a clip of their "
+        "current input are rendered",
+    )
 
 
 # -- answers --
@@ -126,6 +132,16 @@ class CancelAnswer(BaseModel):
     workflow_id: str
 
 
+class SceneView(BaseModel):
+    """One storyboard scene: where its render stands."""
+
+    number: int
+    status: Literal["pending", "rendering", "rendered", "completed", "failed", "cancelled"]
+    prediction_id: str | None
+    billed_seconds: float = Field(description="Seconds the provider billed for it, all takes")
+    error: str | None
+
+
 class Progress(BaseModel):
     current_stage: str
     message: str
@@ -148,6 +164,7 @@ class PendingJob(BaseModel):
         default=None, description="Only when the job has a budget"
     )
     workflow_id: str | None
+    scenes: list[SceneView]
 
 
 class CompletedJob(BaseModel):
@@ -166,6 +183,11 @@ class CompletedJob(BaseModel):
         default=None, description="Only when the job has a budget"
     )
     workflow_id: str | None
+    billed_seconds: float = Field(
+        description="Seconds of video the provider billed for the job (every take, every run)"
+    )
+    duration_seconds: float = Field(description="The finished video's length")
+    scenes: list[SceneView]
 
 
 class ClosedJob(BaseModel):
@@ -175,6 +197,7 @@ class ClosedJob(BaseModel):
     job_id: int
     error: str | None
     workflow_id: str | None
+    scenes: list[SceneView]
 
 
 JobView = Annotated[PendingJob | CompletedJob | ClosedJob, Field(discriminator="status")]

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Response
 from pydantic import TypeAdapter
 
-from api.models import ClosedJob, CompletedJob, JobView, PendingJob, Progress
+from api.models import ClosedJob, CompletedJob, JobView, PendingJob, Progress, SceneView
 from backend.auth import signed_video_path
 from backend.database import FINISHED, JobStatus
 
@@ -43,6 +43,9 @@ def job_view(
             signed_video_url=signer.path(job["id"]),
             actual_cost=job["actual_cost"],
             workflow_id=job["workflow_id"],
+            billed_seconds=job["billed_seconds"] or 0.0,
+            duration_seconds=job["duration_seconds"] or 0.0,
+            scenes=_scenes(job),
             **budget,
         )
     if status in FINISHED:
@@ -51,6 +54,7 @@ def job_view(
             job_id=job["id"],
             error=job["error_message"],
             workflow_id=job["workflow_id"],
+            scenes=_scenes(job),
         )
     # `progress` keeps the seed's four keys; `live` is the run's whole answer.
     progress = dict(job["progress"])
@@ -70,8 +74,22 @@ def job_view(
         progress=Progress(**progress),
         live=live,
         workflow_id=job["workflow_id"],
+        scenes=_scenes(job),
         **budget,
     )
+
+
+def _scenes(job: dict[str, Any]) -> list[SceneView]:
+    return [
+        SceneView(
+            number=scene["number"],
+            status=scene["status"],
+            prediction_id=scene["prediction_id"],
+            billed_seconds=scene["billed_seconds"],
+            error=scene["error"],
+        )
+        for scene in job.get("scenes", [])
+    ]
 
 
 def view_response(view: PendingJob | CompletedJob | ClosedJob) -> Response:

@@ -317,6 +317,12 @@ def job_to_dict(job: Job | Row[Any]) -> dict[str, Any]:
 _JOBS = Job.__table__  # type: ignore[attr-defined]
 _GET_JOB = sa_select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
 _GET_JOBS = sa_select(_JOBS).where(_JOBS.c.id.in_(bindparam("job_ids", expanding=True)))
+_SCENES = SceneRecord.__table__  # type: ignore[attr-defined]
+_GET_SCENES = (
+    sa_select(_SCENES)
+    .where(_SCENES.c.job_id.in_(bindparam("job_ids", expanding=True)))
+    .order_by(_SCENES.c.job_id, _SCENES.c.number)
+)
 
 
 class JobStore:
@@ -355,27 +361,39 @@ class JobStore:
             return job.id
 
     def get(self, job_id: int) -> dict[str, Any]:
-        # A Core select: a read needs no ORM session, identity map or instance, and this is
-        # every GET's path. The row has the model's attribute names and column types.
+        """The job, with its scenes (`scenes`: number, status, prediction id, billed seconds,
+        error), as the seed's get_job returned it plus what was added since."""
+        # Core selects: a read needs no ORM session, identity map or instance, and this is
+        # every GET's path. The rows have the models' attribute names and column types.
         with self.engine.connect() as conn:
             row = conn.execute(_GET_JOB, {"job_id": job_id}).first()
-        if row is None:
-            raise JobNotFound(job_id)
-        return job_to_dict(row)
+            if row is None:
+                raise JobNotFound(job_id)
+            scenes = conn.execute(_GET_SCENES, {"job_ids": [job_id]}).all()
+        job = job_to_dict(row)
+        job["scenes"] = [_scene_dict(scene) for scene in scenes]
+        return job
 
     def get_many(self, job_ids: Collection[int]) -> dict[int, dict[str, Any]]:
-        """The jobs among `job_ids` that exist, by id, read in one query."""
+        """The jobs among `job_ids` that exist, by id, with their scenes, in two queries."""
         with self.engine.connect() as conn:
             rows = conn.execute(_GET_JOBS, {"job_ids": list(job_ids)}).all()
-        return {row.id: job_to_dict(row) for row in rows}
+            scenes = conn.execute(_GET_SCENES, {"job_ids": list(job_ids)}).all()
+        jobs = {row.id: job_to_dict(row) | {"scenes": []} for row in rows}
+        for scene in scenes:
+            if scene.job_id in jobs:
+                jobs[scene.job_id]["scenes"].append(_scene_dict(scene))
+        return jobs
 
     def set_storyboard(self, job_id: int, storyboard: Any) -> dict[str, Any]:
         parsed = Storyboard.parse(storyboard)
         with self._job(job_id) as job:
-            if job.status in (JobStatus.RENDERING, JobStatus.COMPLETED, JobStatus.IN_REVIEW):
+            if job.status in ACTIVE:
                 raise JobConflict(
                     f"Job {job_id} is {job.status}; its storyboard can no longer change"
                 )
+            # A completed job may be changed: it goes back to ready, keeps serving its video
+            # until the new one is verified, and renders only the scenes that changed.
             job.storyboard_data = parsed.to_json()
             # A changed storyboard needs a fresh approval before it costs money.
             job.approved = False
@@ -400,14 +418,15 @@ class JobStore:
             return job_to_dict(job)
 
     def mark_rendering(
-        self, job_id: int, workflow_id: str, *, review: bool = False
+        self, job_id: int, workflow_id: str, *, review: bool = False, again: bool = False
     ) -> dict[str, Any]:
         """Marks the job as having a run (in review, or rendering) before that run starts.
 
-        A job that completed meanwhile is left as it is (its row is returned unchanged).
+        A job that completed meanwhile is left as it is (its row is returned unchanged),
+        unless `again` asks for it to be rendered anew.
         """
         with self._job(job_id) as job:
-            if job.status == JobStatus.COMPLETED:
+            if job.status == JobStatus.COMPLETED and not again:
                 return job_to_dict(job)
             if job.status == JobStatus.IN_REVIEW and not review:
                 # Approving a job in review: the waiting run goes on.
@@ -423,7 +442,8 @@ class JobStore:
                     else "Waiting for a worker"
                 )
                 job.error_message = None
-                job.video_url = None
+                # video_url stays: a job rendered again serves its last verified video until
+                # the new one replaces it.
                 job.actual_cost = None
                 job.estimated_cost = None
                 job.over_budget = False
@@ -900,7 +920,7 @@ class JobStore:
             return session.get(WebhookReceipt, (webhook_id, prediction_id)) is not None
 
 
-def _scene_dict(row: SceneRecord) -> dict[str, Any]:
+def _scene_dict(row: SceneRecord | Row[Any]) -> dict[str, Any]:
     return {
         "number": row.number,
         "digest": row.digest,

@@ -143,13 +143,15 @@ async def start_render(
     """
     job = await asyncio.to_thread(store.get, job_id)
     workflow_id = workflow_id_for(job_id)
-    if job["status"] == JobStatus.COMPLETED:
+    if job["status"] == JobStatus.COMPLETED and not rerender:
         return workflow_id
     if review and job["status"] == JobStatus.RENDERING:
         raise JobConflict(f"Job {job_id} is already rendering; it is past review")
     previous = job["status"], job["workflow_id"], job["approved"]
     # Marked before the start so a run that ends at once cannot be overwritten afterwards.
-    marked = await asyncio.to_thread(store.mark_rendering, job_id, workflow_id, review=review)
+    marked = await asyncio.to_thread(
+        store.mark_rendering, job_id, workflow_id, review=review, again=rerender
+    )
     if marked["status"] == JobStatus.COMPLETED:
         return workflow_id  # its run completed in the meantime: nothing to start
     signal: tuple[str, Any] = (
@@ -159,7 +161,12 @@ async def start_render(
         "id": workflow_id,
         "task_queue": settings.task_queue,
         "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
-        "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+        # A job with a video (completed once, then changed or asked for fresh takes) may run
+        # after its completed run; otherwise only after a failed one, so a job store that
+        # lost a completed job's row is not billed for it twice.
+        "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE
+        if job["video_url"]
+        else WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
         "static_summary": f"Render job {job_id} into a video"
         + (" (after review)" if review else ""),
         "static_details": f"Job {job_id}: `GET /api/v2/jobs/{job_id}` on the API",

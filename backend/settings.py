@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     def _no_empty_path(cls, value: Any) -> Any:
         # MODEL_PROFILES_FILE= (empty) means no file, not the current directory.
         return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _origins(cls, value: Any) -> Any:

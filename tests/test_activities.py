@@ -16,7 +16,7 @@ from activities.media import InvalidVideo, MediaActivities, probe_video
 from backend.database import JobStore, make_engine
 from backend.provider import ProviderClient
 from backend.settings import Settings
-from workflows.payloads import DownloadVideoInput
+from workflows.payloads import DownloadClipInput
 
 VIDEO_BYTES = b"\x00\x00\x00\x18ftypisom" + b"x" * 5000
 
@@ -53,9 +53,11 @@ async def run_download(settings: Settings, url: str, job_id: int) -> Path:
     async with httpx.AsyncClient() as http:
         activities = MediaActivities(store, ProviderClient(settings), settings, http)
         result = await ActivityEnvironment().run(
-            activities.download_video, DownloadVideoInput(job_id=created, url=url)
+            activities.download_clip,
+            DownloadClipInput(job_id=created, number=1, digest="0123456789abcdef", url=url),
         )
-    return Path(result.path)
+    # Downloaded, not yet checked: it waits beside the name it will have once verified.
+    return settings.scenes_dir(created) / f".{result.path}.unverified"
 
 
 async def test_token_goes_only_to_the_provider_origin(
@@ -70,7 +72,7 @@ async def test_token_goes_only_to_the_provider_origin(
     )
     path = await run_download(settings, f"{cdn}/out.mp4", 1)
     assert path.read_bytes() == VIDEO_BYTES
-    assert path.name == "final.mp4"
+    assert path.name == ".001-0123456789abcdef.mp4.unverified"
     await run_download(settings, f"{provider}/files/out.mp4", 2)
     assert Recorder.seen == [
         {"path": "/out.mp4", "auth": ""},

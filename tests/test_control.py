@@ -19,6 +19,7 @@ import pytest
 from support import Stack, running_stack
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from backend.cli import temporal_binary
@@ -26,7 +27,14 @@ from backend.provider import ProviderClient
 from local_replicate.config import DEFAULT_WEBHOOK_SECRET
 from local_replicate.testing import RunningServer
 from local_replicate.webhooks import sign
-from workflows.payloads import ApproveRenderInput, ApproveSignal, RenderProgress
+from workflows.payloads import (
+    ApproveRenderInput,
+    ApproveSignal,
+    RenderProgress,
+    SceneProgress,
+    scene_workflow_id,
+)
+from workflows.render_scene import RenderScene
 from workflows.render_video import JOB_ID, RenderVideo
 
 
@@ -60,28 +68,40 @@ async def cli(env: WorkflowEnvironment, *args: str) -> subprocess.CompletedProce
     )
 
 
-def handle_of(stack: Stack, job_id: int) -> WorkflowHandle[Any, Any]:
-    return stack.temporal.get_workflow_handle(f"render-video-{job_id}")
+def handle_of(stack: Stack, job_id: int, scene: int | None = None) -> WorkflowHandle[Any, Any]:
+    """The job's run, or (scene given) the run of one of its scenes; these stacks render with
+    local/slideshow, whose one prediction for the whole storyboard is scene 0."""
+    workflow_id = f"render-video-{job_id}" if scene is None else scene_workflow_id(job_id, scene)
+    return stack.temporal.get_workflow_handle(workflow_id)
 
 
-async def history_events(stack: Stack, job_id: int) -> list[Any]:
-    return list((await handle_of(stack, job_id).fetch_history()).events)
+async def history_events(stack: Stack, job_id: int, scene: int | None = None) -> list[Any]:
+    return list((await handle_of(stack, job_id, scene).fetch_history()).events)
 
 
-async def scheduled(stack: Stack, job_id: int) -> list[str]:
+async def scheduled(stack: Stack, job_id: int, scene: int | None = 0) -> list[str]:
+    """The activities a run scheduled: by default the scene run's, where the predictions are."""
     return [
         e.activity_task_scheduled_event_attributes.activity_type.name
-        for e in await history_events(stack, job_id)
+        for e in await history_events(stack, job_id, scene)
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
 
 
-async def signals(stack: Stack, job_id: int) -> list[str]:
+async def signals(stack: Stack, job_id: int, scene: int | None = None) -> list[str]:
     return [
         e.workflow_execution_signaled_event_attributes.signal_name
-        for e in await history_events(stack, job_id)
+        for e in await history_events(stack, job_id, scene)
         if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
     ]
+
+
+async def webhook_signals(stack: Stack, job_id: int) -> list[str]:
+    """Signals that reached the scene run, where webhooks are relayed."""
+    try:
+        return await signals(stack, job_id, scene=0)
+    except RPCError:
+        return []  # no scene run was ever started
 
 
 async def eventually(check: Any, within: float = 30.0, what: str = "condition") -> Any:
@@ -146,7 +166,8 @@ async def test_webhook_render_completes_with_at_most_one_get(hooked: Stack) -> N
         d for d in stats["webhook_deliveries"] if d["prediction_id"] == job["prediction_id"]
     ]
     assert delivered, "the render server never called the webhook"
-    assert await signals(hooked, job_id) == ["approve", "prediction_finished"]
+    assert await signals(hooked, job_id) == ["approve"]
+    assert await webhook_signals(hooked, job_id) == ["prediction_finished"]
     # The webhook answered: no polling activity was ever scheduled.
     assert "poll_prediction" not in await scheduled(hooked, job_id)
 
@@ -167,7 +188,7 @@ async def test_lost_webhook_falls_back_to_polling(
         await hooked.api.post(f"/api/v2/jobs/{job_id}/approve")
         job = await hooked.wait_closed(job_id)
         assert job["status"] == "completed", job["error_message"]
-        assert "prediction_finished" not in await signals(hooked, job_id)
+        assert "prediction_finished" not in await webhook_signals(hooked, job_id)
         assert "poll_prediction" in await scheduled(hooked, job_id)
         assert renderer.stats()["gets"] >= 1
         assert renderer.stats()["webhooks_dropped"] >= 1
@@ -199,7 +220,7 @@ async def test_forged_or_stale_webhooks_get_401_and_change_nothing(hooked: Stack
     tampered = forged.replace("evil", "eviler")
     assert (await hooked.api.post(url, content=tampered, headers=headers)).status_code == 401
 
-    assert "prediction_finished" not in await signals(hooked, job_id)
+    assert "prediction_finished" not in await webhook_signals(hooked, job_id)
     job = await hooked.wait_closed(job_id)
     assert job["status"] == "completed"
     assert hooked.store.get(job_id)["video_url"] == f"/api/videos/{job_id}/data"
@@ -274,7 +295,7 @@ async def test_repeated_or_late_webhook_is_harmless(hooked: Stack) -> None:
     assert late.json()["status"] == "run_closed"
     after = hooked.store.get(job_id)
     assert after["status"] == "completed" and after["error_message"] is None
-    assert await signals(hooked, job_id) == ["approve", "prediction_finished"]
+    assert await webhook_signals(hooked, job_id) == ["prediction_finished"]
 
 
 async def test_duplicate_webhook_delivery_signals_the_run_once(hooked: Stack) -> None:
@@ -294,7 +315,7 @@ async def test_duplicate_webhook_delivery_signals_the_run_once(hooked: Stack) ->
         return len(mine) == 2 and mine[0]["webhook_id"] == mine[1]["webhook_id"]
 
     await eventually(both_delivered, what="two deliveries of the same webhook")
-    assert (await signals(hooked, job_id)).count("prediction_finished") == 1
+    assert (await webhook_signals(hooked, job_id)).count("prediction_finished") == 1
 
 
 # -- review, approve signal and update --
@@ -354,7 +375,7 @@ async def test_an_approval_sent_before_validation_ends_is_recorded(stack: Stack)
     job = await stack.wait_closed(job_id)
     assert job["status"] == "completed", job["error_message"]
     assert job["approved"] is True and job["approved_by"] == "early"
-    assert "record_approval" in await scheduled(stack, job_id)
+    assert "record_approval" in await scheduled(stack, job_id, scene=None)
 
 
 async def test_approve_render_update_returns_validation_errors(stack: Stack) -> None:
@@ -404,6 +425,7 @@ async def test_review_without_approval_expires(
             "job_id": job_id,
             "error": job["error_message"],
             "workflow_id": f"render-video-{job_id}",
+            "scenes": [],
         }
         described = await handle_of(stack, job_id).describe()
         assert described.status == WorkflowExecutionStatus.FAILED
@@ -426,14 +448,19 @@ async def test_progress_query_from_the_sdk_the_api_and_the_cli(
 
     live = await progress_of(stack, job_id)
     assert live.job_id == job_id and live.scenes_total == 3
-    assert live.prediction_id and live.prediction_status in ("starting", "processing")
     assert live.estimated_cost == "0.31"  # 3 x $0.003 + 3 s x $0.10, rounded to the cent
+    # The scene run knows its prediction (slideshow: one prediction for all three scenes).
+    scene = await eventually(
+        lambda: _prediction_of(handle_of(stack, job_id, 0)), what="the scene's prediction"
+    )
+    assert scene.prediction_status in ("starting", "processing")
 
     view = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
     assert view["status"] == "rendering"
     assert set(view["progress"]) == {"current_stage", "message", "scenes_total", "scenes_completed"}
     assert view["progress"]["current_stage"] == "rendering"
-    assert view["live"]["prediction_id"] == live.prediction_id
+    assert view["live"]["scenes_total"] == 3
+    assert [s["prediction_id"] for s in view["scenes"]] == [scene.prediction_id] * 3
 
     result = await cli(
         temporal_env,
@@ -511,8 +538,8 @@ async def test_cancel_mid_download_stops_it_and_leaves_no_partial_file(stack: St
     stack.renderer.add_fault("slow_download", delay=60.0)
     job_id = await stack.create_job(stack.sample_scenes(count=1))
     await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
-    folder = Path(stack.settings.data_dir, "videos", str(job_id))
-    await eventually(lambda: list(folder.glob(".download-*.part")), what="a partial download")
+    folder = stack.settings.scenes_dir(job_id)
+    await eventually(lambda: list(folder.glob(".*.part")), what="a partial download")
 
     started = time.monotonic()
     assert (await stack.api.post(f"/api/v2/jobs/{job_id}/cancel")).status_code == 202
@@ -520,8 +547,8 @@ async def test_cancel_mid_download_stops_it_and_leaves_no_partial_file(stack: St
     # A 60-second download stopped within seconds: the heartbeat carried the cancel.
     assert time.monotonic() - started < 20
     assert job["status"] == "cancelled"
-    assert not list(folder.glob(".download-*.part"))
-    assert not (folder / "final.mp4").exists()
+    assert list(folder.iterdir()) == []  # nothing partial, nothing unverified
+    assert not stack.settings.video_path(job_id).exists()
     await eventually(
         lambda: stack.renderer.stats()["download_aborts"] >= 1, what="the download to be dropped"
     )
@@ -581,7 +608,27 @@ async def test_cancel_of_a_terminated_run_closes_the_job(
     assert prediction_id in stack.renderer.stats()["cancelled_ids"]
 
 
-async def test_approve_after_terminate_adopts_the_running_prediction(stack: Stack) -> None:
+async def test_terminating_a_job_run_cancels_its_scenes_predictions(stack: Stack) -> None:
+    """Terminate is the escape hatch with no cleanup of its own, but the scene runs are its
+    children: they are asked to cancel, and cancel their predictions (nothing left billing)."""
+    stack.renderer.add_fault("slow_render", delay=30.0)
+    job_id = await stack.create_job(stack.sample_scenes(count=1))
+    await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
+    prediction_id = await eventually(
+        lambda: stack.store.get(job_id)["prediction_id"], what="the prediction"
+    )
+    await handle_of(stack, job_id).terminate("test: stuck")
+    await eventually(
+        lambda: prediction_id in stack.renderer.stats()["cancelled_ids"],
+        what="the scene to cancel its prediction",
+    )
+    described = await handle_of(stack, job_id, 0).describe()
+    assert described.status == WorkflowExecutionStatus.CANCELED
+
+
+async def test_approve_after_a_terminated_scene_run_adopts_its_running_prediction(
+    stack: Stack,
+) -> None:
     # Slow enough that the prediction is surely still rendering when the new run starts.
     stack.renderer.add_fault("slow_render", delay=6.0)
     job_id = await stack.create_job(stack.sample_scenes(count=1))
@@ -589,7 +636,11 @@ async def test_approve_after_terminate_adopts_the_running_prediction(stack: Stac
     prediction_id = await eventually(
         lambda: stack.store.get(job_id)["prediction_id"], what="the prediction"
     )
-    await handle_of(stack, job_id).terminate("test: stuck")
+    # The scene's own run is terminated (no cleanup): the job fails, the prediction runs on.
+    await handle_of(stack, job_id, 0).terminate("test: stuck")
+    failed = await stack.wait_closed(job_id)
+    assert failed["status"] == "failed"
+    assert prediction_id not in stack.renderer.stats()["cancelled_ids"]
     again = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
     assert again.status_code == 200, again.text
     job = await stack.wait_closed(job_id)
@@ -621,7 +672,19 @@ async def test_runs_are_found_by_job_id_and_stage(
     runs = await eventually(
         lambda: _collect(stack.temporal.list_workflows(query)), what="RenderStage completed"
     )
-    assert [run.id for run in runs] == [f"render-video-{job_id}"]
+    # The job's run and its scene's run (here one prediction for the whole storyboard).
+    assert sorted(run.id for run in runs) == [
+        f"render-video-{job_id}",
+        f"render-video-{job_id}-scene-all",
+    ]
+
+
+async def _prediction_of(handle: WorkflowHandle[Any, Any]) -> SceneProgress | None:
+    try:
+        progress = await handle.query(RenderScene.progress)
+    except Exception:  # noqa: BLE001 - the scene run may not exist or answer yet
+        return None
+    return progress if progress.prediction_id else None
 
 
 async def _collect(iterator: Any) -> list[Any]:
@@ -634,15 +697,19 @@ async def test_every_activity_and_the_run_carry_a_summary(stack: Stack) -> None:
     await stack.wait_closed(job_id)
     converter = stack.temporal.data_converter.payload_converter
     summaries = {}
-    for event in await history_events(stack, job_id):
+    events = await history_events(stack, job_id) + await history_events(stack, job_id, 0)
+    for event in events:
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             name = event.activity_task_scheduled_event_attributes.activity_type.name
             assert event.user_metadata.HasField("summary"), name
             summaries[name] = converter.from_payloads([event.user_metadata.summary])[0]
     assert summaries["validate_storyboard"] == f"Validate the storyboard of job {job_id}"
-    assert summaries["download_video"] == f"Download the video of job {job_id}"
+    assert summaries["download_clip"] == f"Download the clip of the video of job {job_id}"
+    assert summaries["stitch_video"] == f"Stitch the scenes of job {job_id}"
     described = await handle_of(stack, job_id).describe()
     assert await described.static_summary() == f"Render job {job_id} into a video"
+    scene = await handle_of(stack, job_id, 0).describe()
+    assert await scene.static_summary() == f"Scene 1 of job {job_id}, in one prediction"
 
 
 # -- budget --
@@ -662,7 +729,8 @@ async def test_over_budget_job_fails_before_any_prediction(stack: Stack) -> None
         "no prediction was created"
     )
     assert stack.renderer.stats()["creates"] == 0
-    assert "start_prediction" not in await scheduled(stack, job_id)
+    # Not even a scene run was started.
+    assert await scheduled(stack, job_id, scene=None) == ["validate_storyboard", "mark_job_failed"]
 
 
 async def test_job_within_budget_renders_and_reports_it(stack: Stack) -> None:
@@ -736,7 +804,7 @@ async def test_review_of_an_over_budget_job_fails_at_validation(stack: Stack) ->
     assert result.stage == "failed"
     job = await stack.wait_closed(job_id)
     assert job["status"] == "failed" and job["error_message"] == expected
-    assert "record_approval" not in await scheduled(stack, job_id)
+    assert "record_approval" not in await scheduled(stack, job_id, scene=None)
 
     # A bigger budget, and the same job renders.
     budget = await stack.api.put(f"/api/v2/jobs/{job_id}/budget", json={"max_cost": 1})

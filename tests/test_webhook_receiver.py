@@ -202,8 +202,11 @@ def stream_upload(base_url: str, path: str, megabytes: int) -> tuple[int, dict[s
             "Transfer-Encoding: chunked",
         ]
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        # poll, not select: a long test session may hand out descriptors past select's limit.
+        answered = select.poll()
+        answered.register(sock, select.POLLIN)
         for _ in range(megabytes):
-            if select.select([sock], [], [], 0)[0]:
+            if answered.poll(0):
                 break  # the server answered: stop sending
             try:
                 sock.sendall(framed)

@@ -280,11 +280,12 @@ class RenderVideo:
 
         async def render(unit: ScenePlan) -> SceneResult:
             async with slots:
-                what = (
-                    f"Scene {unit.number} of job {job_id}"
-                    if unit.number
-                    else f"All {plan.scenes_total} scenes of job {job_id}, in one prediction"
-                )
+                if unit.number:
+                    what = f"Scene {unit.number} of job {job_id}"
+                elif plan.scenes_total == 1:
+                    what = f"Scene 1 of job {job_id}, in one prediction"
+                else:
+                    what = f"Scenes 1-{plan.scenes_total} of job {job_id}, in one prediction"
                 result = await workflow.execute_child_workflow(
                     RenderScene.run,
                     RenderSceneInput(

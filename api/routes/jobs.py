@@ -110,12 +110,19 @@ async def approve(
     job_id = job["id"]
     approved = await asyncio.to_thread(store.approve, job_id)
     approved_by = body.approved_by if body else None
+    rerender = body.rerender if body else False
     try:
-        workflow_id = await start_render(temporal, store, settings, job_id, approved_by=approved_by)
+        workflow_id = await start_render(
+            temporal, store, settings, job_id, approved_by=approved_by, rerender=rerender
+        )
     finally:
         progress.forget(job_id)
-    # A completed job is never rendered (or billed) again.
-    status = "completed" if approved["status"] == JobStatus.COMPLETED else "rendering_started"
+    # A completed job is not rendered (or billed) again, unless fresh takes were asked for.
+    status = (
+        "completed"
+        if approved["status"] == JobStatus.COMPLETED and not rerender
+        else "rendering_started"
+    )
     return RenderStarted(status=status, job_id=job_id, workflow_id=workflow_id)
 
 

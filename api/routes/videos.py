@@ -12,7 +12,7 @@ from api.deps import ReadsDep, SettingsDep, SignerDep
 from api.errors import Forbidden, Unauthorized, error_response, error_responses
 from api.security import JobId, authenticate
 from backend.auth import signature_valid
-from backend.database import JobNotFound, JobStatus
+from backend.database import JobNotFound
 
 router = APIRouter(tags=["videos"])
 
@@ -86,7 +86,9 @@ async def video_data(
     if tenant is not None and job["tenant"] != tenant:
         raise JobNotFound(job_id)
     path = settings.video_path(job_id)
-    if job["status"] != JobStatus.COMPLETED or not path.is_file():
+    # A job rendered again keeps serving its last verified video until the new one replaces
+    # it; a job that never completed has none.
+    if not job["video_url"] or not path.is_file():
         return error_response(404, f"Job {job_id} has no video yet (status {job['status']})")
     return FileResponse(
         path,

@@ -16,6 +16,7 @@ from replicate.webhook import (
     WebhookSigningSecret,
     WebhookValidationError,
 )
+from starlette.requests import ClientDisconnect
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import ProgressDep, SettingsDep, StoreDep, TemporalDep
@@ -103,7 +104,12 @@ async def replicate_webhook(
     The prediction id in the signed body is looked up in the prediction ledger, which names
     the job and workflow that created it: nothing unsigned can redirect a delivery.
     """
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        # The sender went away mid-body: nobody reads this answer, but nothing is logged as
+        # a server error either.
+        raise NotAPrediction("The webhook's body did not arrive in full") from None
     secret = await _webhook_secret(request.app, settings)
     _verify(dict(request.headers), raw, secret, settings.webhook_tolerance_seconds)
     webhook_id = request.headers["webhook-id"]
