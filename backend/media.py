@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -71,6 +73,8 @@ PREVIEW_CRF = 24
 PREVIEW_MAX_BITRATE = 1_500_000
 PREVIEW_PRESET = "veryfast"
 
+# Frames a re-encode decodes ahead of the encoder, on a thread of its own.
+DECODE_AHEAD = 8
 # The callback is called every this many frames decoded or encoded, or packets copied.
 FRAMES_PER_TICK = 8
 PACKETS_PER_TICK = 64
@@ -1071,18 +1075,14 @@ def _reencode(
         start = _start(video)
         retimer = _Retimer(clip.frames, fps, emit)
         sound = audio.clip(elapsed + clip.end) if audio is not None else None
-        streams = [s for s in (video, audio_in) if s is not None]
         try:
-            for packet in container.demux(*streams):
-                if packet.stream.index == video.index:
+            for frame in _decode_ahead(container, video, audio_in, start + clip.end):
+                if isinstance(frame, VideoFrame):
                     if not retimer.full:
-                        for frame in packet.decode():
-                            assert isinstance(frame, VideoFrame)
-                            t = frame.time - start if frame.time is not None else 0.0
-                            retimer.feed(frame, t)
+                        retimer.feed(frame, frame.time - start if frame.time is not None else 0.0)
                 elif sound is not None and not sound.full:
                     # The picture sets time zero: later sound is preceded by silence.
-                    _feed_audio(packet, sound, start)
+                    sound.feed(frame, frame.time - start if frame.time is not None else 0.0)
                 if retimer.full and (sound is None or sound.full):
                     break
         except av.FFmpegError as exc:
@@ -1105,6 +1105,72 @@ def _reencode(
         out.mux(packet)
     if audio is not None:
         audio.finish()
+
+
+_END = object()
+
+
+def _decode_ahead(
+    container: av.container.InputContainer,
+    video: VideoStream,
+    audio: AudioStream | None,
+    end: float,
+) -> Iterator[VideoFrame | AudioFrame]:
+    """The clip's frames up to its cut at `end` seconds, decoded by a thread of its own.
+
+    So the decoder works while the caller's thread encodes (PyAV lets go of the GIL inside
+    FFmpeg), as ffmpeg's command line runs decoding and encoding in threads of their own;
+    everything else (the progress callback, the output) stays on the caller's thread.
+    Stopping early (the caller breaks off or raises) stops the thread before this returns.
+    """
+    frames: queue.Queue[Any] = queue.Queue(maxsize=DECODE_AHEAD)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                frames.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def decode() -> None:
+        try:
+            # One frame past the cut finishes the picture's last frame; sound stops at it.
+            video_done, audio_done = False, audio is None
+            streams = [s for s in (video, audio) if s is not None]
+            for packet in container.demux(*streams):
+                is_video = packet.stream.index == video.index
+                if video_done if is_video else audio_done:
+                    continue
+                for frame in packet.decode():
+                    if not put(frame):
+                        return
+                    past = frame.time is not None and frame.time >= end
+                    if is_video:
+                        video_done = video_done or past
+                    else:
+                        audio_done = audio_done or past
+                if video_done and audio_done:
+                    break
+            put(_END)
+        except BaseException as exc:  # handed to the caller's thread
+            put(exc)
+
+    thread = threading.Thread(target=decode, name="media-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = frames.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 # -- posters and thumbnails --------------------------------------------------------------------
