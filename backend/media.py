@@ -76,7 +76,7 @@ PREVIEW_PRESET = "veryfast"
 # Frames a re-encode decodes ahead of the encoder, on a thread of its own.
 DECODE_AHEAD = 8
 # The callback is called every this many frames decoded or encoded, or packets copied.
-FRAMES_PER_TICK = 8
+FRAMES_PER_TICK = 4
 PACKETS_PER_TICK = 64
 
 
@@ -854,10 +854,17 @@ def stitch(
 
     Stream copy (packets remuxed, nothing decoded) when every clip has the same codec
     parameters and every cut falls on a keyframe (a cut at a clip's end always does);
-    otherwise everything is re-encoded to H.264 yuv420p at the most common size and frame
-    rate (ties go to the earlier clip; other sizes are letterboxed). Audio is kept when every
-    clip has some (re-encoded to AAC, cut to the picture) and dropped when any clip has none.
-    The final video lasts the sum of the scenes' seconds within one frame. `+faststart`.
+    otherwise everything is re-encoded to H.264 yuv420p (x264 `preset`, `crf`, a keyframe every
+    2 s) at the most common size and frame rate (ties go to the earlier clip; other sizes are
+    letterboxed, other rates have frames dropped or repeated). Each clip gets a whole number of
+    frames, from rounded cumulative scene ends, so the final video lasts the sum of the scenes'
+    seconds within one frame. `+faststart`.
+
+    Sound is kept when every clip has some and dropped when any has none (never a video whose
+    sound stops midway). With copied video, AAC sound of the same settings is copied too, each
+    clip's within half an AAC frame of its picture (`_AudioCopy`); otherwise it is decoded, cut
+    to the sample at each scene's end (silence where a clip's sound is missing) and encoded to
+    AAC once. The report says which (`mode`, `reason`, `audio_mode`).
     """
     if not clips:
         raise MediaError("No clips to stitch")
@@ -909,18 +916,17 @@ def _write(
     progress: Progress | None,
 ) -> Literal["copy", "reencode", "none"]:
     """Writes the video; returns how its audio was made."""
+    args = (width, height, fps, crf, preset, progress)
     with _output(out_path) as tmp:
         try:
-            while True:
-                try:
-                    _write_once(
-                        scanned, tmp, reason, audio_mode, width, height, fps, crf, preset, progress
-                    )
-                    return audio_mode
-                except _AudioGap:
-                    # Rare (the headers promised sound that is not there): start again and
-                    # encode the sound, padding what is missing with silence.
-                    audio_mode = "reencode"
+            try:
+                _write_once(scanned, tmp, reason, audio_mode, *args)
+            except _AudioGap:
+                # Rare (the headers promised sound that is not there): start again and
+                # encode the sound, with silence where it is missing.
+                audio_mode = "reencode"
+                _write_once(scanned, tmp, reason, audio_mode, *args)
+            return audio_mode
         except av.FFmpegError as exc:
             raise MediaError(f"Stitching failed ({_reason(exc)})") from None
 
