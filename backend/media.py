@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -71,8 +73,10 @@ PREVIEW_CRF = 24
 PREVIEW_MAX_BITRATE = 1_500_000
 PREVIEW_PRESET = "veryfast"
 
+# Frames a re-encode decodes ahead of the encoder, on a thread of its own.
+DECODE_AHEAD = 8
 # The callback is called every this many frames decoded or encoded, or packets copied.
-FRAMES_PER_TICK = 8
+FRAMES_PER_TICK = 4
 PACKETS_PER_TICK = 64
 
 
@@ -850,10 +854,17 @@ def stitch(
 
     Stream copy (packets remuxed, nothing decoded) when every clip has the same codec
     parameters and every cut falls on a keyframe (a cut at a clip's end always does);
-    otherwise everything is re-encoded to H.264 yuv420p at the most common size and frame
-    rate (ties go to the earlier clip; other sizes are letterboxed). Audio is kept when every
-    clip has some (re-encoded to AAC, cut to the picture) and dropped when any clip has none.
-    The final video lasts the sum of the scenes' seconds within one frame. `+faststart`.
+    otherwise everything is re-encoded to H.264 yuv420p (x264 `preset`, `crf`, a keyframe every
+    2 s) at the most common size and frame rate (ties go to the earlier clip; other sizes are
+    letterboxed, other rates have frames dropped or repeated). Each clip gets a whole number of
+    frames, from rounded cumulative scene ends, so the final video lasts the sum of the scenes'
+    seconds within one frame. `+faststart`.
+
+    Sound is kept when every clip has some and dropped when any has none (never a video whose
+    sound stops midway). With copied video, AAC sound of the same settings is copied too, each
+    clip's within half an AAC frame of its picture (`_AudioCopy`); otherwise it is decoded, cut
+    to the sample at each scene's end (silence where a clip's sound is missing) and encoded to
+    AAC once. The report says which (`mode`, `reason`, `audio_mode`).
     """
     if not clips:
         raise MediaError("No clips to stitch")
@@ -905,18 +916,17 @@ def _write(
     progress: Progress | None,
 ) -> Literal["copy", "reencode", "none"]:
     """Writes the video; returns how its audio was made."""
+    args = (width, height, fps, crf, preset, progress)
     with _output(out_path) as tmp:
         try:
-            while True:
-                try:
-                    _write_once(
-                        scanned, tmp, reason, audio_mode, width, height, fps, crf, preset, progress
-                    )
-                    return audio_mode
-                except _AudioGap:
-                    # Rare (the headers promised sound that is not there): start again and
-                    # encode the sound, padding what is missing with silence.
-                    audio_mode = "reencode"
+            try:
+                _write_once(scanned, tmp, reason, audio_mode, *args)
+            except _AudioGap:
+                # Rare (the headers promised sound that is not there): start again and
+                # encode the sound, with silence where it is missing.
+                audio_mode = "reencode"
+                _write_once(scanned, tmp, reason, audio_mode, *args)
+            return audio_mode
         except av.FFmpegError as exc:
             raise MediaError(f"Stitching failed ({_reason(exc)})") from None
 
@@ -1071,18 +1081,14 @@ def _reencode(
         start = _start(video)
         retimer = _Retimer(clip.frames, fps, emit)
         sound = audio.clip(elapsed + clip.end) if audio is not None else None
-        streams = [s for s in (video, audio_in) if s is not None]
         try:
-            for packet in container.demux(*streams):
-                if packet.stream.index == video.index:
+            for frame in _decode_ahead(container, video, audio_in, start + clip.end):
+                if isinstance(frame, VideoFrame):
                     if not retimer.full:
-                        for frame in packet.decode():
-                            assert isinstance(frame, VideoFrame)
-                            t = frame.time - start if frame.time is not None else 0.0
-                            retimer.feed(frame, t)
+                        retimer.feed(frame, frame.time - start if frame.time is not None else 0.0)
                 elif sound is not None and not sound.full:
                     # The picture sets time zero: later sound is preceded by silence.
-                    _feed_audio(packet, sound, start)
+                    sound.feed(frame, frame.time - start if frame.time is not None else 0.0)
                 if retimer.full and (sound is None or sound.full):
                     break
         except av.FFmpegError as exc:
@@ -1105,6 +1111,72 @@ def _reencode(
         out.mux(packet)
     if audio is not None:
         audio.finish()
+
+
+_END = object()
+
+
+def _decode_ahead(
+    container: av.container.InputContainer,
+    video: VideoStream,
+    audio: AudioStream | None,
+    end: float,
+) -> Iterator[VideoFrame | AudioFrame]:
+    """The clip's frames up to its cut at `end` seconds, decoded by a thread of its own.
+
+    So the decoder works while the caller's thread encodes (PyAV lets go of the GIL inside
+    FFmpeg), as ffmpeg's command line runs decoding and encoding in threads of their own;
+    everything else (the progress callback, the output) stays on the caller's thread.
+    Stopping early (the caller breaks off or raises) stops the thread before this returns.
+    """
+    frames: queue.Queue[Any] = queue.Queue(maxsize=DECODE_AHEAD)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                frames.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def decode() -> None:
+        try:
+            # One frame past the cut finishes the picture's last frame; sound stops at it.
+            video_done, audio_done = False, audio is None
+            streams = [s for s in (video, audio) if s is not None]
+            for packet in container.demux(*streams):
+                is_video = packet.stream.index == video.index
+                if video_done if is_video else audio_done:
+                    continue
+                for frame in packet.decode():
+                    if not put(frame):
+                        return
+                    past = frame.time is not None and frame.time >= end
+                    if is_video:
+                        video_done = video_done or past
+                    else:
+                        audio_done = audio_done or past
+                if video_done and audio_done:
+                    break
+            put(_END)
+        except BaseException as exc:  # handed to the caller's thread
+            put(exc)
+
+    thread = threading.Thread(target=decode, name="media-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = frames.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 # -- posters and thumbnails --------------------------------------------------------------------

@@ -248,6 +248,28 @@ def test_probe_errors_name_the_file_but_not_its_folder(tmp_path: Path) -> None:
         assert "<" not in str(caught.value)  # no object repr
 
 
+def test_every_function_names_a_bad_file_but_not_its_folder(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(2000))
+    out = tmp_path / "out"
+    calls = {
+        "probe": lambda: media.probe(garbage),
+        "keyframes": lambda: media.keyframes(garbage),
+        "check_clip": lambda: media.check_clip(garbage, min_seconds=1),
+        "stitch": lambda: media.stitch([(garbage, 1.0)], out.with_suffix(".mp4")),
+        "poster": lambda: media.poster(garbage, out.with_suffix(".jpg")),
+        "thumbnail": lambda: media.thumbnail(garbage, out.with_suffix(".jpg")),
+        "preview": lambda: media.preview(garbage, out.with_suffix(".mp4")),
+    }
+    for name, call in calls.items():
+        with pytest.raises(MediaError) as caught:
+            call()
+        message = str(caught.value)
+        assert message.startswith("garbage.mp4 is not a readable video ("), (name, message)
+        assert str(tmp_path) not in message and "<" not in message, (name, message)
+    assert [p.name for p in tmp_path.iterdir()] == ["garbage.mp4"]
+
+
 # -- the quality gate --------------------------------------------------------------------------
 
 
