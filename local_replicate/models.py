@@ -43,6 +43,7 @@ I2V = "local/i2v"
 # what creates by version id reported before models were routed by name
 LEGACY_SLIDESHOW = "local-replicate/slideshow"
 VERSION_CREATED_AT = "2025-01-01T00:00:00.000000Z"
+COG_VERSION = "0.16.8"
 # a posed model's clip size when its input names none (Kling `standard`, Luma 720p, ...)
 DEFAULT_CLIP_HEIGHT = 720
 DEFAULT_CLIP_SECONDS = 5
@@ -356,7 +357,8 @@ class Model:
             "latest_version": {
                 "id": self.version,
                 "created_at": VERSION_CREATED_AT,
-                "cog_version": None,
+                # a string, as Replicate sends (the replicate client refuses null)
+                "cog_version": COG_VERSION,
                 "openapi_schema": {
                     "openapi": "3.0.2",
                     "info": {"title": "Cog", "version": "0.1.0"},

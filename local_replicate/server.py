@@ -32,9 +32,10 @@ __all__ = ["ServerConfig", "create_app"]
 PROBLEM = "application/problem+json"
 THROTTLED = "Request was throttled. Your rate limit resets in ~{}s."
 FILE_NAME = re.compile(r"^([a-z0-9]{1,64})\.mp4$")
-# Cancel-After: "30", "90s", "5m", "1h30m45s" (Replicate's format; decimals allowed)
+# Cancel-After: "90s", "5m", "1h30m45s", or a bare number of seconds (Replicate's format)
 CANCEL_AFTER = re.compile(
-    r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?$"
+    r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$"
+    r"|^(?P<bare>\d+(?:\.\d+)?)$"
 )
 MIN_CANCEL_AFTER = 5.0  # seconds; Replicate refuses shorter deadlines
 
@@ -129,8 +130,8 @@ def _cancel_after(request: Request) -> float | None:
     match = CANCEL_AFTER.match(header.strip().lower())
     if not header.strip() or match is None:
         raise _invalid("Cancel-After: must be a duration such as 30s, 5m or 1h30m")
-    hours, minutes, seconds = (float(match.group(k) or 0) for k in ("h", "m", "s"))
-    total = hours * 3600 + minutes * 60 + seconds
+    hours, minutes, seconds, bare = (float(match.group(k) or 0) for k in ("h", "m", "s", "bare"))
+    total = hours * 3600 + minutes * 60 + seconds + bare
     if total < MIN_CANCEL_AFTER:
         raise _invalid(f"Cancel-After: must be at least {MIN_CANCEL_AFTER:g} seconds")
     return total
