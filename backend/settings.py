@@ -36,11 +36,18 @@ class Settings(BaseSettings):
     replicate_model: str = Field(
         default="local/slideshow", description="owner/name or owner/name:version"
     )
-    # Models name their inputs differently; these map our storyboard onto the model's fields.
+    # Profiles (backend/profiles.py) describe how each model takes a scene; this file (JSON or
+    # TOML, one profile or a list) adds models or overrides the built-in profiles.
+    model_profiles_file: Path | None = Field(
+        default=None, description="JSON or TOML file of model profiles"
+    )
+    # Legacy: for a model with no profile, set explicitly, these map the whole storyboard onto
+    # one prediction as before profiles existed.
     model_images_field: str = "images"
     model_durations_field: str = "durations"
     model_prompt_field: str = "prompt"
-    # Fixed inputs the model takes beside the storyboard, as JSON: '{"fps": 24, "width": 1280}'.
+    # Fixed inputs sent with every prediction, over the profile's own fixed inputs (the
+    # storyboard's fields win), as JSON: '{"fps": 24, "width": 1280}'.
     model_extra_input: dict[str, Any] = Field(default_factory=dict)
 
     poll_interval_seconds: float = Field(default=5.0, gt=0)
@@ -85,6 +92,12 @@ class Settings(BaseSettings):
         if not (owner and slash and model) or "/" in model or (":" in value and not version):
             raise ValueError("REPLICATE_MODEL must be 'owner/name' or 'owner/name:version'")
         return value
+
+    @field_validator("model_profiles_file", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: Any) -> Any:
+        # MODEL_PROFILES_FILE= (empty) means no file, not the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("public_base_url")
     @classmethod
