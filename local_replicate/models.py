@@ -30,7 +30,6 @@ from jsonschema.exceptions import SchemaError
 from .config import ConfigError
 from .render import (
     DEFAULT_FPS,
-    MAX_SIDE,
     ClipJob,
     InputError,
     RenderJob,
@@ -57,6 +56,8 @@ DURATION_FIELDS = ("duration", "duration_seconds", "seconds")
 FRAME_FIELDS = ("num_frames", "frames", "frame_count")
 FPS_FIELDS = ("fps", "frames_per_second", "frame_rate")
 
+# The built-in models' input schemas; backend/model_schemas/local__*.json hold the same (a test
+# keeps them equal), as the pipeline's stored copies of what this server publishes.
 SLIDESHOW_SCHEMA: dict[str, Any] = {
     "type": "object",
     "title": "Input",
@@ -64,22 +65,54 @@ SLIDESHOW_SCHEMA: dict[str, Any] = {
     "properties": {
         "images": {
             "type": "array",
-            "items": {"type": "string", "format": "uri"},
             "title": "Images",
-            "description": "Scene images (http(s) or data: URLs), shown in order",
+            "items": {"type": "string", "format": "uri"},
+            "minItems": 1,
             "x-order": 0,
+            "description": "Scene images in order (http(s) or data: URLs).",
         },
         "durations": {
             "type": "array",
-            "items": {"type": "number", "exclusiveMinimum": 0},
             "title": "Durations",
-            "description": "Seconds each image is shown, one per image (default 2 each)",
+            "items": {"type": "number", "exclusiveMinimum": 0},
             "x-order": 1,
+            "description": "Seconds each image is shown, one per image; default 2 each.",
         },
-        "prompt": {"type": "string", "title": "Prompt", "description": "Ignored", "x-order": 2},
-        "width": {"type": "integer", "minimum": 16, "maximum": MAX_SIDE, "default": 1280},
-        "height": {"type": "integer", "minimum": 16, "maximum": MAX_SIDE, "default": 720},
-        "fps": {"type": "integer", "minimum": 1, "maximum": 120, "default": DEFAULT_FPS},
+        "prompt": {
+            "type": "string",
+            "title": "Prompt",
+            "x-order": 2,
+            "description": "The scenes' prompts, joined with ' / '.",
+        },
+        "width": {
+            "type": "integer",
+            "title": "Width",
+            "default": 1280,
+            "minimum": 16,
+            "maximum": 3840,
+            "multipleOf": 2,
+            "x-order": 3,
+            "description": "Video width in pixels (even).",
+        },
+        "height": {
+            "type": "integer",
+            "title": "Height",
+            "default": 720,
+            "minimum": 16,
+            "maximum": 3840,
+            "multipleOf": 2,
+            "x-order": 4,
+            "description": "Video height in pixels (even).",
+        },
+        "fps": {
+            "type": "integer",
+            "title": "Fps",
+            "default": 24,
+            "minimum": 1,
+            "maximum": 120,
+            "x-order": 5,
+            "description": "Frames per second.",
+        },
     },
 }
 
@@ -90,52 +123,54 @@ I2V_SCHEMA: dict[str, Any] = {
     "properties": {
         "image": {
             "type": "string",
-            "format": "uri",
             "title": "Image",
-            "description": "The first frame (an http(s) or data: URL)",
+            "format": "uri",
             "x-order": 0,
+            "description": "The scene's image (http(s) or data: URL); the video starts on it.",
         },
         "prompt": {
             "type": "string",
             "title": "Prompt",
-            "description": "What happens in the clip",
-            "default": "",
             "x-order": 1,
+            "description": "Text prompt for the scene.",
         },
         "duration": {
             "type": "integer",
             "title": "Duration",
-            "description": "Length of the clip in seconds",
+            "default": 5,
             "minimum": 1,
             "maximum": 10,
-            "default": 5,
             "x-order": 2,
+            "description": "Length of the video in whole seconds.",
         },
         "fps": {
             "type": "integer",
             "title": "Fps",
+            "default": 24,
             "minimum": 1,
-            "maximum": 60,
-            "default": DEFAULT_FPS,
+            "maximum": 120,
             "x-order": 3,
+            "description": "Frames per second.",
         },
         "width": {
             "type": "integer",
             "title": "Width",
-            "minimum": 16,
-            "maximum": MAX_SIDE,
-            "multipleOf": 2,
             "default": 1280,
+            "minimum": 16,
+            "maximum": 3840,
+            "multipleOf": 2,
             "x-order": 4,
+            "description": "Video width in pixels (even: H.264 with yuv420p needs it).",
         },
         "height": {
             "type": "integer",
             "title": "Height",
-            "minimum": 16,
-            "maximum": MAX_SIDE,
-            "multipleOf": 2,
             "default": 720,
+            "minimum": 16,
+            "maximum": 3840,
+            "multipleOf": 2,
             "x-order": 5,
+            "description": "Video height in pixels (even).",
         },
     },
 }
@@ -277,9 +312,10 @@ class Model:
             return parse_input(inp)
         assert self.clip is not None
         values = {**self.defaults(), **{k: v for k, v in inp.items() if v is not None}}
+        # models that also make video from text alone take no image; checked at create
         image = values.get(self.clip.image)
-        if not is_image_url(image):
-            raise InputError(f"{self.clip.image}: required, an http(s) or data: URL")
+        if image is not None and not is_image_url(image):
+            raise InputError(f"{self.clip.image}: must be an http(s) or data: URL")
         fps = _whole(values.get(self.clip.fps), DEFAULT_FPS) if self.clip.fps else DEFAULT_FPS
         fps = max(1, min(fps, 120))
         if self.clip.frames and values.get(self.clip.frames) is not None:
@@ -291,8 +327,15 @@ class Model:
         if frames < 1:
             raise InputError("the clip would have no frames")
         width, height = self._size(values)
+        prompt = values.get("prompt")
         return ClipJob(
-            image=image, frames=frames, width=width, height=height, fps=fps, field=self.clip.image
+            image=image,
+            frames=frames,
+            width=width,
+            height=height,
+            fps=fps,
+            field=self.clip.image,
+            prompt=prompt if isinstance(prompt, str) else "",
         )
 
     def _size(self, values: dict[str, Any]) -> tuple[int, int]:
@@ -548,7 +591,8 @@ def load_posed(name: str, path: Path, max_height: int | None) -> Model:
     schema = components.get("Input") if "properties" not in stored else stored
     if not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
         raise ModelConfigError(f"{name}: {path.name} holds no input schema with properties")
-    schema = {k: v for k, v in schema.items() if k != "components"}
+    # x-source is the pipeline's note of where the schema was read, not part of it
+    schema = {k: v for k, v in schema.items() if k not in ("components", "x-source")}
     components = {k: v for k, v in components.items() if k not in ("Input", "Output")}
     clip = ClipFields.infer(name, schema["properties"])
     description = str(schema.get("description") or f"{name}, posed by the local render server")

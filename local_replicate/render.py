@@ -4,6 +4,7 @@ image-to-video clip (a slow zoom and pan over one image)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import math
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 import av
 import httpx
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 DEFAULT_DURATION = 2.0
 DEFAULT_WIDTH = 1280
@@ -63,13 +64,16 @@ class RenderJob:
 class ClipJob:
     """An image-to-video clip: `frames` frames of a slow zoom and pan over one image."""
 
-    image: str
+    # None: the model was given no image (text to video), so the clip pans over a made-up one
+    image: str | None
     frames: int
     width: int
     height: int
     fps: int
     # the input field the image came from, for error messages
     field: str = "image"
+    # picks the made-up image's colours when there is no image
+    prompt: str = ""
 
     @property
     def seconds(self) -> float:
@@ -259,14 +263,13 @@ def render(
     if isinstance(job, ClipJob):
         if cancel.is_set():
             raise RenderCanceled()
-        source = load_canvas(
-            client,
-            job.image,
-            job.field,
-            _even(job.width * KEN_BURNS_MARGIN),
-            _even(job.height * KEN_BURNS_MARGIN),
-        )
-        log("fetched the image")
+        size = (_even(job.width * KEN_BURNS_MARGIN), _even(job.height * KEN_BURNS_MARGIN))
+        if job.image is None:
+            source = made_up_image(job.prompt, *size)
+            log("no image given: the clip moves over a generated picture")
+        else:
+            source = load_canvas(client, job.image, job.field, *size)
+            log("fetched the image")
         frames = ken_burns(source, job.width, job.height, job.frames)
         _write(out_path, job.width, job.height, job.fps, frames, cancel, still=False)
         log(f"encoded {job.frames} frames at {job.fps} fps, {job.width}x{job.height}")
@@ -287,6 +290,19 @@ def render(
 
 def _even(value: float) -> int:
     return 2 * math.ceil(value / 2)
+
+
+def made_up_image(prompt: str, width: int, height: int) -> Image.Image:
+    """Diagonal bands in colours drawn from the prompt: detail for the camera to move over."""
+    digest = hashlib.sha256(prompt.encode()).digest()
+    colours = [tuple(digest[i : i + 3]) for i in range(0, 12, 3)]
+    image = Image.new("RGB", (width, height), colours[0])
+    draw = ImageDraw.Draw(image)
+    band = max(8, width // 24)
+    for i, x in enumerate(range(-height, width, band)):
+        corners = [(x, 0), (x + band, 0), (x + band + height, height), (x + height, height)]
+        draw.polygon(corners, colours[1 + i % 3])
+    return image
 
 
 def _slideshow(canvases: list[Image.Image], counts: list[int]) -> Iterator[av.VideoFrame]:

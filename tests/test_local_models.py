@@ -41,6 +41,7 @@ from test_local_replicate import (
     wait_done,
 )
 
+from backend.model_schemas import available_models, load_schema
 from local_replicate import (
     DataDirError,
     ModelConfigError,
@@ -49,45 +50,44 @@ from local_replicate import (
     create_app,
 )
 from local_replicate.engine import busiest_window
-from local_replicate.models import I2V_SCHEMA
+from local_replicate.models import I2V_SCHEMA, SLIDESHOW_SCHEMA
 from local_replicate.threaded import UvicornThread
 
 OPENAPI = Path("/work/shared/reference/replicate-openapi.json")
 SMALL = {"width": 320, "height": 240}
 THROTTLED = re.compile(r"^Request was throttled\. Your rate limit resets in ~(\d+)s\.$")
 
-# A Kling-like input schema as cog publishes one: enums behind allOf $refs into components.
 KLING = "kwaivgi/kling-v2.1"
-KLING_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "title": "Input",
-    "required": ["prompt", "start_image"],
-    "properties": {
-        "prompt": {"type": "string", "title": "Prompt", "x-order": 0},
-        "negative_prompt": {"type": "string", "title": "Negative Prompt", "default": ""},
-        "start_image": {"type": "string", "title": "Start Image", "format": "uri"},
-        "mode": {"allOf": [{"$ref": "#/components/schemas/mode"}], "default": "standard"},
-        "duration": {"allOf": [{"$ref": "#/components/schemas/duration"}], "default": 5},
-    },
-}
-KLING_COMPONENTS: dict[str, Any] = {
-    "mode": {"enum": ["standard", "pro"], "type": "string", "title": "mode"},
-    "duration": {"enum": [5, 10], "type": "integer", "title": "duration"},
-}
-# A Wan-like schema: a frame count at a frame rate, not seconds.
 WAN = "wan-video/wan-2.2-i2v-fast"
-WAN_SCHEMA: dict[str, Any] = {
+# Each stored model, its image field, and what its defaults make: seconds, fps
+POSED = {
+    KLING: ("start_image", 5, 24),
+    "minimax/hailuo-02": ("first_frame_image", 6, 24),
+    "bytedance/seedance-1-lite": ("image", 5, 24),
+    WAN: ("image", 81 / 16, 16),
+    "luma/ray-flash-2-720p": ("start_image", 5, 24),
+}
+# An input schema as cog publishes one: the enums behind allOf $refs into components.
+COG_STYLE = "acme/cog-style"
+COG_SCHEMA: dict[str, Any] = {
     "type": "object",
     "title": "Input",
-    "required": ["image", "prompt"],
+    "required": ["start_image"],
     "properties": {
-        "image": {"type": "string", "format": "uri"},
-        "prompt": {"type": "string"},
-        "num_frames": {"type": "integer", "minimum": 33, "maximum": 121, "default": 81},
-        "frames_per_second": {"type": "integer", "minimum": 5, "maximum": 30, "default": 16},
-        "resolution": {"type": "string", "enum": ["480p", "720p"], "default": "480p"},
+        "start_image": {"type": "string", "format": "uri"},
+        "duration": {"allOf": [{"$ref": "#/components/schemas/duration"}], "default": 4},
     },
 }
+COG_COMPONENTS: dict[str, Any] = {
+    "duration": {"enum": [2, 4], "type": "integer", "title": "duration"},
+}
+
+
+def stored(model: str) -> dict[str, Any]:
+    """The pipeline's stored schema, as the server serves it (without the pipeline's note)."""
+    schema = load_schema(model)
+    del schema["x-source"]
+    return schema
 
 
 def textured_png(size: tuple[int, int] = (400, 300)) -> bytes:
@@ -159,21 +159,11 @@ def image_server() -> Iterator[ImageServer]:
 
 
 @pytest.fixture(scope="module")
-def schemas_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("schemas")
-    kling = {**KLING_SCHEMA, "components": {"schemas": KLING_COMPONENTS}}
-    (directory / "kwaivgi__kling-v2.1.json").write_text(json.dumps(kling))
-    (directory / "wan-video__wan-2.2-i2v-fast.json").write_text(json.dumps(WAN_SCHEMA))
-    return directory
-
-
-@pytest.fixture(scope="module")
-def lr(tmp_path_factory: pytest.TempPathFactory, schemas_dir: Path) -> Iterator[RunningServer]:
+def lr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     config = ServerConfig(
         data_dir=tmp_path_factory.mktemp("lr-models"),
         start_delay=0.05,
-        schemas_dir=schemas_dir,
-        # posed models ask for 720p; tests need the length and the motion, not the pixels
+        # posed models ask for 720p or more; tests need the length and the motion, not the pixels
         clip_max_height=240,
     )
     with RunningServer(config) as server:
@@ -488,12 +478,8 @@ def _model_validators() -> tuple[Any, Any]:
 
 def test_model_endpoint_serves_each_models_schema(api: httpx.Client, lr: RunningServer) -> None:
     model_validator, version_validator = _model_validators()
-    expected = {
-        "local/i2v": I2V_SCHEMA,
-        "local/slideshow": None,
-        KLING: KLING_SCHEMA,
-        WAN: WAN_SCHEMA,
-    }
+    expected: dict[str, Any] = {"local/i2v": I2V_SCHEMA, "local/slideshow": SLIDESHOW_SCHEMA}
+    expected |= {model: stored(model) for model in POSED}
     versions = set()
     for name, schema in expected.items():
         resp = api.get(f"/v1/models/{name}")
@@ -507,15 +493,14 @@ def test_model_endpoint_serves_each_models_schema(api: httpx.Client, lr: Running
         assert openapi["openapi"] == "3.0.2"
         schemas = openapi["components"]["schemas"]
         assert schemas["Output"] == {"type": "string", "format": "uri", "title": "Output"}
-        if schema is not None:
-            assert schemas["Input"] == schema
-        else:
-            assert schemas["Input"]["required"] == ["images"]
+        assert schemas["Input"] == schema
         versions.add(body["latest_version"]["id"])
-    assert len(versions) == 4 and all(re.fullmatch(r"[0-9a-f]{64}", v) for v in versions)
-    # the components a schema's $refs point into are served with it
-    kling = api.get(f"/v1/models/{KLING}").json()["latest_version"]["openapi_schema"]
-    assert kling["components"]["schemas"]["duration"] == KLING_COMPONENTS["duration"]
+    assert len(versions) == 7 and all(re.fullmatch(r"[0-9a-f]{64}", v) for v in versions)
+    # the old name of the slideshow answers too
+    old = api.get("/v1/models/local-replicate/slideshow").json()
+    assert old["latest_version"]["openapi_schema"]["components"]["schemas"]["Input"] == (
+        SLIDESHOW_SCHEMA
+    )
 
     assert_problem(api.get("/v1/models/acme/nothing"), 404)
     assert_problem(httpx.get(f"{lr.base_url}/v1/models/local/i2v"), 401)
@@ -592,25 +577,94 @@ def test_posing_as_kling(api: httpx.Client, lr: RunningServer, tmp_path: Path) -
 
 
 def test_posing_as_a_model_that_counts_frames(api: httpx.Client, tmp_path: Path) -> None:
-    inp = {
-        "image": textured_data_url(),
-        "prompt": "waves",
-        "num_frames": 40,
-        "frames_per_second": 20,
-    }
+    inp = {"image": textured_data_url(), "prompt": "waves"}
+    inp |= {"num_frames": 81, "frames_per_second": 27}
     done, _ = wait_done(api, created(create_model(api, WAN, inp))["id"])
     assert done["status"] == "succeeded", done["error"]
-    assert done["metrics"]["video_output_duration_seconds"] == 2
+    assert done["metrics"]["video_output_duration_seconds"] == 3  # 81 frames at 27 fps
     video = fetch_video(done["output"], tmp_path / "wan.mp4")
-    assert len(video.frames) == 40 and abs(video.seconds - 2.0) < 0.06
+    assert len(video.frames) == 81 and abs(video.seconds - 3.0) < 0.05
     assert (video.width, video.height) == (426, 240)  # 480p, scaled to the server's 240
-    (problem,) = invalid_fields(create_model(api, WAN, {**inp, "num_frames": 20}))
-    assert problem["field"] == "input.num_frames"
+    (problem,) = invalid_fields(create_model(api, WAN, {**inp, "num_frames": 80}))
+    assert problem == {
+        "type": "number_gte",
+        "field": "input.num_frames",
+        "description": "Must be greater than or equal to 81",
+    }
 
 
-def test_which_models_are_posed_is_configurable(tmp_path: Path, schemas_dir: Path) -> None:
+@pytest.mark.parametrize("model", sorted(POSED))
+def test_posing_as_each_stored_model(
+    api: httpx.Client, lr: RunningServer, tmp_path: Path, model: str
+) -> None:
+    """Each stored model, with only its image and a prompt: a clip as long as its schema's
+    default duration, at its frame rate, with motion."""
+    image_field, seconds, fps = POSED[model]
+    inp = {image_field: textured_data_url(), "prompt": "the tide comes in"}
+    pred = created(create_model(api, model, inp))
+    assert (pred["model"], pred["version"]) == (model, "hidden")
+    done, _ = wait_done(api, pred["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["metrics"]["video_output_duration_seconds"] == pytest.approx(seconds)
+    video = fetch_video(done["output"], tmp_path / "posed.mp4")
+    assert len(video.frames) == round(seconds * fps) and abs(video.seconds - seconds) < 0.05
+    assert video.height == 240 and video.codec == "h264" and video.pix_fmt == "yuv420p"
+    assert difference(video.frames[0], video.frames[1]) > 0.5
+    (problem,) = invalid_fields(create_model(api, model, {**inp, "colour": "red"}))
+    assert problem["description"] == "Additional property colour is not allowed"
+
+
+def test_every_stored_schema_is_posed_by_default(api: httpx.Client, lr: RunningServer) -> None:
+    stored_models = [m for m in available_models() if not m.startswith("local/")]
+    assert sorted(stored_models) == sorted(POSED)
+    for model in available_models():
+        body = api.get(f"/v1/models/{model}").json()
+        served = body["latest_version"]["openapi_schema"]["components"]["schemas"]["Input"]
+        # the local ones are this server's own: the pipeline's stored copies must match them
+        assert served == stored(model), model
+
+
+def test_a_model_that_also_takes_text_alone(api: httpx.Client, tmp_path: Path) -> None:
+    # Seedance's image is optional (text to video): the clip moves over a generated picture
+    inp = {"prompt": "a red kite over dunes", "duration": 2}
+    done, _ = wait_done(api, created(create_model(api, "bytedance/seedance-1-lite", inp))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    video = fetch_video(done["output"], tmp_path / "text.mp4")
+    assert len(video.frames) == 48 and difference(video.frames[0], video.frames[-1]) > 1
+    assert "no image given" in done["logs"]
+    (problem,) = invalid_fields(create_model(api, "bytedance/seedance-1-lite", {"duration": 2}))
+    assert problem == {"type": "required", "field": "input", "description": "prompt is required"}
+
+
+def test_a_cog_style_schema_with_refs(tmp_path: Path) -> None:
+    schemas = tmp_path / "schemas"
+    schemas.mkdir()
+    stored_file = {**COG_SCHEMA, "components": {"schemas": COG_COMPONENTS}}
+    (schemas / "acme__cog-style.json").write_text(json.dumps(stored_file))
+    config = ServerConfig(data_dir=tmp_path / "data", schemas_dir=schemas, start_delay=0.05)
+    with (
+        RunningServer(config) as server,
+        httpx.Client(base_url=server.base_url, headers={"Authorization": "Bearer t"}) as api,
+    ):
+        body = api.get(f"/v1/models/{COG_STYLE}").json()
+        schemas_served = body["latest_version"]["openapi_schema"]["components"]["schemas"]
+        assert schemas_served["Input"] == COG_SCHEMA
+        assert schemas_served["duration"] == COG_COMPONENTS["duration"]
+        (problem,) = invalid_fields(
+            create_model(api, COG_STYLE, {"start_image": textured_data_url(), "duration": 3})
+        )
+        assert problem["description"] == "duration must be one of the following: 2, 4"
+        inp = {"start_image": textured_data_url(), "duration": 2}
+        done, _ = wait_done(api, created(create_model(api, COG_STYLE, inp))["id"])
+        assert done["metrics"]["video_output_duration_seconds"] == 2
+        assert server.stats()["predictions"] == {done["id"]: "succeeded"}
+        # only the models in this folder are posed, besides the built-in ones
+        assert_problem(api.get(f"/v1/models/{KLING}"), 404)
+
+
+def test_which_models_are_posed_is_configurable(tmp_path: Path) -> None:
     headers = {"Authorization": "Bearer t"}
-    config = ServerConfig(data_dir=tmp_path, schemas_dir=schemas_dir, pose=(WAN,))
+    config = ServerConfig(data_dir=tmp_path, pose=(WAN,))
     with RunningServer(config) as server:
         assert httpx.get(f"{server.base_url}/v1/models/{WAN}", headers=headers).status_code == 200
         assert_problem(httpx.get(f"{server.base_url}/v1/models/{KLING}", headers=headers), 404)
@@ -619,7 +673,7 @@ def test_which_models_are_posed_is_configurable(tmp_path: Path, schemas_dir: Pat
         )
         assert_problem(resp, 404)
     with pytest.raises(ModelConfigError, match="acme/missing"):
-        create_app(ServerConfig(data_dir=tmp_path, schemas_dir=schemas_dir, pose=("acme/missing",)))
+        create_app(ServerConfig(data_dir=tmp_path, pose=("acme/missing",)))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "acme__noimage.json").write_text(json.dumps({"properties": {"prompt": {}}}))
@@ -661,7 +715,7 @@ def test_fault_match_fails_one_scene_only(api: httpx.Client, lr: RunningServer) 
         assert wait_done(api, created(plain)["id"])[0]["status"] == "succeeded"
         assert wait_done(api, created(hit)["id"])[0]["status"] == "aborted"
         kling = {"prompt": "p", "start_image": urls[3], "duration": 5}
-        assert_problem(create_model(api, KLING, {**kling, "start_image": urls[3]}), 500)
+        assert_problem(create_model(api, KLING, kling), 500)
     assert lr.stats()["faults"] == []
 
     bad = httpx.post(
