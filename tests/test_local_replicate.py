@@ -384,8 +384,8 @@ def test_prefer_wait(api: httpx.Client, lr: RunningServer, images: list[str]) ->
     lr.add_fault("slow_render", delay=10)
     started = time.monotonic()
     pred = create(api, inp, headers={"Prefer": "wait=1"})
-    # answered after the wait, long before the held render could end
-    assert 0.9 < time.monotonic() - started < 8
+    # answered after the wait, and before the held render ended (it would read succeeded)
+    assert time.monotonic() - started > 0.9
     assert pred["status"] in ("starting", "processing")
     api.post(f"/v1/predictions/{pred['id']}/cancel")
 
@@ -662,7 +662,7 @@ def test_fault_slow_create_holds_the_response_not_the_prediction(
     api: httpx.Client, lr: RunningServer, images: list[str]
 ) -> None:
     inp = {"images": [images[0]], "durations": [0.2], **SMALL}
-    lr.add_fault("slow_create", delay=4)
+    lr.add_fault("slow_create", delay=6)
     answer: dict[str, Any] = {}
 
     def call() -> None:
@@ -677,12 +677,12 @@ def test_fault_slow_create_holds_the_response_not_the_prediction(
 
     caller = threading.Thread(target=call)
     caller.start()
-    _wait_for(lambda: len(lr.stats()["predictions"]) == 1, timeout=3.5)
+    _wait_for(lambda: len(lr.stats()["predictions"]) == 1, timeout=5)
     assert caller.is_alive()  # the prediction exists before its create call has answered
     (pid,) = lr.stats()["predictions"]
     caller.join(30)
     resp = answer["resp"]
-    assert resp.status_code == 201 and 3.9 < answer["took"] < 15
+    assert resp.status_code == 201 and answer["took"] >= 5.9
     pred = check(resp.json(), lr.base_url)
     # it was rendering while the response was held
     assert pred["id"] == pid and pred["status"] != "starting"
@@ -707,11 +707,11 @@ def test_fault_slow_create_client_timeout_leaves_one_running_prediction(
 
     # with `wait`, its read timeout is wait + 0.5 s
     lr.reset()
-    lr.add_fault("slow_create", delay=5)
+    lr.add_fault("slow_create", delay=15)
     started = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
         client.predictions.create(version="v", input=inp, wait=1)
-    assert time.monotonic() - started < 4.5  # the client does not retry a create
+    assert time.monotonic() - started < 12  # gave up long before the hold ended, no retry
     stats = lr.stats()
     assert stats["creates"] == 1 and len(stats["predictions"]) == 1
     (pid,) = stats["predictions"]
@@ -763,13 +763,13 @@ def test_fault_slow_download_spreads_the_transfer(
     api: httpx.Client, lr: RunningServer, images: list[str]
 ) -> None:
     url, whole = _output(api, images)
-    lr.add_fault("slow_download", delay=1.5)
-    # HEAD and Range requests are answered at once and leave the fault for the next full GET
-    started = time.monotonic()
+    delay = 1.5
+    lr.add_fault("slow_download", delay=delay)
+    # HEAD and Range requests are answered whole and leave the fault for the next full GET
     head = httpx.head(url)
     assert head.status_code == 200 and head.headers["content-length"] == str(len(whole))
     assert httpx.get(url, headers={"Range": "bytes=0-7"}).content == whole[:8]
-    assert time.monotonic() - started < 1.4  # not paced over the fault's 1.5 s
+    assert [f["kind"] for f in lr.stats()["faults"]] == ["slow_download"]
 
     got = b""
     progress: list[tuple[float, int]] = []
@@ -781,14 +781,17 @@ def test_fault_slow_download_spreads_the_transfer(
             got += chunk
             progress.append((time.monotonic() - started, len(got)))
     took = time.monotonic() - started
-    assert got == whole and 1.4 < took < 5
-    # spread out: part of it, not all, by half time, in many pieces
-    by_half_time = max((n for t, n in progress if t <= 0.75), default=0)
-    assert 0.1 * len(whole) < by_half_time < 0.9 * len(whole)
-    assert len(progress) >= 10
+    assert got == whole
+    # Spread over the delay: the server hands over each piece no earlier than its share of the
+    # time, so whatever the load, the client never has more than that share (plus rounding to
+    # the server's pieces, about 1/30 of the file each) and the last byte comes after the delay.
+    piece = len(whole) / (delay * 20) + 1
+    for at, received in progress:
+        assert received <= at / delay * len(whole) + 2 * piece, (at, received, len(whole))
+    assert took >= delay - 0.01
+    assert lr.stats()["faults"] == []  # used up: the next GET is whole at once
 
-    started = time.monotonic()
-    assert httpx.get(url).content == whole and time.monotonic() - started < 1.4  # used up
+    assert httpx.get(url).content == whole
     stats = lr.stats()
     assert stats["download_completes"] == 3 and stats["download_aborts"] == 0
     assert stats["file_gets"] == 5
@@ -798,7 +801,7 @@ def test_fault_slow_download_stops_when_the_client_goes(
     api: httpx.Client, lr: RunningServer, images: list[str]
 ) -> None:
     url, whole = _output(api, images)
-    lr.add_fault("slow_download", delay=5)
+    lr.add_fault("slow_download", delay=10)
     got = 0
     started = time.monotonic()
     with httpx.stream("GET", url) as resp:
@@ -808,9 +811,9 @@ def test_fault_slow_download_stops_when_the_client_goes(
                 break  # closing the response with body left unread drops the connection
     left = time.monotonic()
     assert 0 < got < len(whole) / 2
-    # well before the 5 s transfer would have ended
-    _wait_for(lambda: lr.stats()["download_aborts"] == 1, timeout=3)
-    assert time.monotonic() - left < 3.5
+    # well before the 10 s transfer would have ended
+    _wait_for(lambda: lr.stats()["download_aborts"] == 1, timeout=8)
+    assert time.monotonic() - left < 8
     assert lr.stats()["download_completes"] == 1  # only the plain download in _output
 
 
@@ -821,7 +824,7 @@ async def test_fault_slow_download_cancelled_async_reader(
     api = httpx.Client(base_url=lr.base_url, headers={"Authorization": "Bearer t"})
     await asyncio.to_thread(lr.reset)
     url, whole = await asyncio.to_thread(_output, api, images)
-    await asyncio.to_thread(lr.add_fault, "slow_download", delay=5)
+    await asyncio.to_thread(lr.add_fault, "slow_download", delay=10)
     received = 0
 
     async def read() -> None:
@@ -831,14 +834,18 @@ async def test_fault_slow_download_cancelled_async_reader(
                 received += len(chunk)
 
     reader = asyncio.create_task(read())
-    await asyncio.sleep(0.5)
+    # cancelled mid-transfer: once some of it, which takes 10 s in all, has come
+    deadline = time.monotonic() + 8
+    while received == 0:
+        assert time.monotonic() < deadline, "nothing arrived"
+        await asyncio.sleep(0.02)
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
     assert 0 < received < len(whole)
     left = time.monotonic()
     while (await asyncio.to_thread(lr.stats))["download_aborts"] != 1:
-        assert time.monotonic() - left < 3.5, "the server kept sending"
+        assert time.monotonic() - left < 8, "the server kept sending"  # the 10 s transfer
         await asyncio.sleep(0.03)
 
 
