@@ -46,6 +46,8 @@ COG_VERSION = "0.16.8"
 # a posed model's clip size when its input names none (Kling `standard`, Luma 720p, ...)
 DEFAULT_CLIP_HEIGHT = 720
 DEFAULT_CLIP_SECONDS = 5
+# a bound for schemas that set none: a minute at 120 fps
+MAX_CLIP_FRAMES = 7200
 
 # where the pipeline keeps the stored schemas of the models it can use
 SCHEMA_FILE = re.compile(r"^([A-Za-z0-9_.-]+?)__([A-Za-z0-9_.-]+)\.json$")
@@ -210,14 +212,14 @@ class ClipFields:
     mode: str | None = None
 
     @classmethod
-    def infer(cls, name: str, properties: dict[str, Any]) -> ClipFields:
+    def infer(cls, name: str, properties: dict[str, Any], components: dict[str, Any]) -> ClipFields:
         def first(names: Iterable[str]) -> str | None:
             return next((n for n in names if n in properties), None)
 
         image = first(IMAGE_FIELDS)
         if image is None:
             raise ModelConfigError(f"{name}: its input schema has no image field")
-        mode = properties.get("mode", {})
+        mode = _resolve(properties.get("mode"), components)
         return cls(
             image=image,
             duration=first(DURATION_FIELDS),
@@ -324,8 +326,8 @@ class Model:
             frames = round(_seconds(values[self.clip.duration]) * fps)
         else:
             frames = fps * DEFAULT_CLIP_SECONDS
-        if frames < 1:
-            raise InputError("the clip would have no frames")
+        if not 1 <= frames <= MAX_CLIP_FRAMES:
+            raise InputError(f"the clip must have 1 to {MAX_CLIP_FRAMES} frames, not {frames}")
         width, height = self._size(values)
         prompt = values.get("prompt")
         return ClipJob(
@@ -587,14 +589,16 @@ def load_posed(name: str, path: Path, max_height: int | None) -> Model:
         raise ModelConfigError(f"{name}: {path.name} is not a JSON object")
     # either the Input schema itself (optionally with the components its $refs need), or a
     # whole openapi_schema as GET /v1/models answers
-    components = stored.get("components", {}).get("schemas", {})
+    holder = stored.get("components")
+    components = holder.get("schemas") if isinstance(holder, dict) else None
+    components = components if isinstance(components, dict) else {}
     schema = components.get("Input") if "properties" not in stored else stored
     if not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
         raise ModelConfigError(f"{name}: {path.name} holds no input schema with properties")
     # x-source is the pipeline's note of where the schema was read, not part of it
     schema = {k: v for k, v in schema.items() if k not in ("components", "x-source")}
     components = {k: v for k, v in components.items() if k not in ("Input", "Output")}
-    clip = ClipFields.infer(name, schema["properties"])
+    clip = ClipFields.infer(name, schema["properties"], components)
     description = str(schema.get("description") or f"{name}, posed by the local render server")
     return Model(name, description, schema, "i2v", components, clip, max_height)
 

@@ -674,6 +674,15 @@ def test_which_models_are_posed_is_configurable(tmp_path: Path) -> None:
         assert_problem(resp, 404)
     with pytest.raises(ModelConfigError, match="acme/missing"):
         create_app(ServerConfig(data_dir=tmp_path, pose=("acme/missing",)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "local_replicate", "--port", "0", "--data-dir", str(tmp_path)]
+        + ["--pose", f"{WAN},acme/missing"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "cannot pose as acme/missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "acme__noimage.json").write_text(json.dumps({"properties": {"prompt": {}}}))
