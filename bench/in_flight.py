@@ -193,6 +193,7 @@ def run_baseline(dir: Path) -> dict[str, Any]:
             "0",
             "--min-processing",
             str(PREDICT_SECONDS),
+            "--admin",
         ],
         dict(os.environ),
         base,

@@ -177,6 +177,8 @@ def product_stack(
                     str(start_delay),
                     "--min-processing",
                     str(min_processing),
+                    # the benchmarks read /_admin/stats and queue faults
+                    "--admin",
                 ],
                 stack.render_port,
             ),

@@ -1,13 +1,16 @@
-"""A local, Replicate-compatible render server (slideshow MP4s), with fault injection."""
+"""A local, Replicate-compatible render server (slideshow and image-to-video MP4s, models posed
+from stored input schemas), with fault injection."""
 
-from .config import DEFAULT_WEBHOOK_SECRET, ServerConfig
+from .config import ConfigError, ServerConfig
+from .models import ModelConfigError
 from .server import create_app
 from .store import DataDirError
 from .testing import RunningServer, run_in_thread
 
 __all__ = [
-    "DEFAULT_WEBHOOK_SECRET",
+    "ConfigError",
     "DataDirError",
+    "ModelConfigError",
     "RunningServer",
     "ServerConfig",
     "create_app",

@@ -7,29 +7,33 @@ import base64
 import io
 import json
 import logging
+import math
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 from PIL import Image
 
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig, load_or_create_secret
 from .faults import CREATE_KINDS, DOWNLOAD_KINDS, PREDICTION_KINDS, Fault, FaultQueue
-from .render import InputError, RenderCanceled, image_client, parse_input, render
+from .models import Model, ModelRegistry, build_registry, default_schemas_dir
+from .render import ClipJob, InputError, RenderCanceled, RenderJob, image_client, render
 from .store import PredictionStore
-from .webhooks import WebhookSender
+from .webhooks import WebhookSender, secret_bytes
 
 log = logging.getLogger("local_replicate")
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 PAGE_SIZE = 100  # Replicate's page size for listing predictions
+RATE_WINDOW = 60.0  # seconds: the create limit is per rolling minute
 
 # (reverse, position) of a page of the prediction list; see Engine.list_page
 Cursor = tuple[bool, int]
@@ -73,7 +77,13 @@ class Prediction:
     started_at: datetime | None = None
     completed_at: datetime | None = None
     predict_time: float | None = None
+    # seconds of video in the output, for video models' billing (Replicate's metric)
+    video_seconds: float | None = None
     data_removed: bool = False
+    # Cancel-After: past this the server ends the prediction itself
+    deadline: datetime | None = None
+    # output_gone: the output file answers 410 from this time.monotonic() on (not persisted)
+    gone_at: float | None = None
     # creation order, for listing; created_at can tie
     seq: int = 0
     # read by the render thread, so a threading.Event rather than an asyncio one
@@ -107,7 +117,9 @@ class Prediction:
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "completed_at": self.completed_at.isoformat() if self.completed_at else None,
             "predict_time": self.predict_time,
+            "video_seconds": self.video_seconds,
             "data_removed": self.data_removed,
+            "deadline": self.deadline.isoformat() if self.deadline else None,
         }
 
     @classmethod
@@ -135,7 +147,10 @@ class Prediction:
             started_at=_time(record["started_at"]),
             completed_at=_time(record["completed_at"]),
             predict_time=record["predict_time"],
+            # absent from records written before these existed
+            video_seconds=record.get("video_seconds"),
             data_removed=bool(record["data_removed"]),
+            deadline=_time(record.get("deadline")),
         )
         if p.status not in TERMINAL | {"starting", "processing"}:
             raise ValueError(f"unknown status {p.status!r}")
@@ -154,6 +169,8 @@ class Prediction:
         metrics: dict[str, float] = {}
         if self.predict_time is not None:
             metrics["predict_time"] = round(self.predict_time, 6)
+        if self.video_seconds is not None and self.status == "succeeded":
+            metrics["video_output_duration_seconds"] = round(self.video_seconds, 6)
         if self.completed_at is not None:
             metrics["total_time"] = round((self.completed_at - self.created_at).total_seconds(), 6)
         body: dict[str, Any] = {
@@ -192,6 +209,15 @@ class Engine:
         self.store = PredictionStore(config.data_dir)
         self.store.open()
         self.data_dir = Path(config.data_dir)
+        self.webhook_secret = config.webhook_secret or load_or_create_secret(self.data_dir)
+        try:
+            secret_bytes(self.webhook_secret)
+        except ValueError as exc:  # a malformed configured secret fails here, not at a webhook
+            raise ConfigError("webhook secret must look like whsec_<base64>") from exc
+        schemas_dir = config.schemas_dir if config.schemas_dir else default_schemas_dir()
+        self.models: ModelRegistry = build_registry(
+            config.pose, schemas_dir, config.model_name, config.clip_max_height
+        )
         self.predictions: dict[str, Prediction] = {}
         self.faults = FaultQueue()
         self.deliveries: list[dict[str, Any]] = []
@@ -202,6 +228,8 @@ class Engine:
         self._sender: WebhookSender | None = None
         # not reset with the stats, so a cursor from before a reset cannot match new predictions
         self._last_seq = 0
+        # times (monotonic) of the creates the limit counts: those of the last minute
+        self._recent_creates: deque[float] = deque()
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -216,9 +244,14 @@ class Engine:
             "download_aborts": 0,
             # webhook events withheld by lose_webhook
             "webhooks_dropped": 0,
+            # creates refused by create_limit_per_minute
+            "throttled": 0,
         }
         self.cancelled_ids: list[str] = []
         self.deliveries.clear()
+        # every accepted create since the last reset, for the busiest minute in the stats
+        self.create_times: list[float] = []
+        self._recent_creates.clear()
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +262,7 @@ class Engine:
         self._images = image_client()
         self._sender = WebhookSender(
             self._http,
-            self.config.webhook_secret,
+            self.webhook_secret,
             self.config.webhook_retry_delays,
             self.deliveries,
         )
@@ -253,6 +286,8 @@ class Engine:
                 # rendered again from the beginning, with the same id, created_at and webhook
                 self._log(p, "render server restarted: rendering again from the beginning")
                 self._spawn(self._run(p))
+                if p.deadline is not None:
+                    self._spawn(self._deadline(p))
             elif p.output is not None and not p.data_removed:
                 if not self.output_path(p.id).is_file():
                     self._remove_output(p)
@@ -301,19 +336,42 @@ class Engine:
             "cancelled_ids": list(self.cancelled_ids),
             "webhook_deliveries": list(self.deliveries),
             "faults": self.faults.list(),
+            "create_limit_per_minute": self.config.create_limit_per_minute,
+            "max_creates_per_minute": busiest_window(self.create_times, RATE_WINDOW),
         }
 
     def output_path(self, prediction_id: str) -> Path:
         return self.data_dir / f"{prediction_id}.mp4"
 
+    def output_gone(self, prediction_id: str) -> bool:
+        p = self.predictions.get(prediction_id)
+        return p is not None and p.gone_at is not None and time.monotonic() >= p.gone_at
+
+    def run_count(self, model: Model) -> int:
+        return sum(1 for p in self.predictions.values() if self.models.get(p.model) is model)
+
     # -- operations called by the HTTP layer --
 
-    def take_create_fault(self) -> Fault | None:
-        return self.faults.take_one(CREATE_KINDS)
+    def take_create_fault(self, inp: dict[str, Any]) -> Fault | None:
+        return self.faults.take_one(CREATE_KINDS, inp)
 
     def take_download_fault(self, full: bool) -> Fault | None:
         # slow_download paces a whole-file GET only; HEAD and Range requests leave it queued
         return self.faults.take_one(DOWNLOAD_KINDS if full else DOWNLOAD_KINDS - {"slow_download"})
+
+    def throttle(self) -> int | None:
+        """Seconds until a create would be accepted again, or None if one may go now."""
+        limit = self.config.create_limit_per_minute
+        if limit is None:
+            return None
+        now = time.monotonic()
+        while self._recent_creates and now - self._recent_creates[0] >= RATE_WINDOW:
+            self._recent_creates.popleft()
+        if len(self._recent_creates) < limit:
+            return None
+        self.counts["throttled"] += 1
+        # the oldest create that counts leaves the window then (at least 1 s, as Replicate says)
+        return max(1, math.ceil(self._recent_creates[0] + RATE_WINDOW - now))
 
     def list_page(
         self, cursor: Cursor | None, keep: Callable[[Prediction], bool]
@@ -352,9 +410,13 @@ class Engine:
         webhook: str | None,
         events: frozenset[str],
         extra_faults: list[Fault],
+        cancel_after: float | None = None,
     ) -> Prediction:
-        queued = self.faults.take(PREDICTION_KINDS)
+        queued = self.faults.take(PREDICTION_KINDS, input)
         self._last_seq += 1
+        now = time.monotonic()
+        self._recent_creates.append(now)
+        self.create_times.append(now)
         p = Prediction(
             seq=self._last_seq,
             id=new_id(),
@@ -366,9 +428,13 @@ class Engine:
             events=events,
             faults=extra_faults + queued,
         )
+        if cancel_after is not None:
+            p.deadline = p.created_at + timedelta(seconds=cancel_after)
         self.predictions[p.id] = p
         self._save(p)
         self._spawn(self._run(p))
+        if p.deadline is not None:
+            self._spawn(self._deadline(p))
         self._emit(p, "start")
         return p
 
@@ -413,6 +479,9 @@ class Engine:
         p.status = status
         p.error = error
         p.completed_at = _now()
+        if p.started_at is not None:
+            # what Replicate bills: the time it ran, from processing to the end
+            p.predict_time = max(0.0, (p.completed_at - p.started_at).total_seconds())
         if status != "succeeded":
             p.cancel.set()
         p.done.set()
@@ -427,6 +496,19 @@ class Engine:
             except TimeoutError:
                 pass
         return not p.terminal
+
+    async def _deadline(self, p: Prediction) -> None:
+        """Cancel-After: end the prediction at its deadline, `aborted` if it never started
+        processing (not billed), `canceled` if it did (billed for the time it ran)."""
+        assert p.deadline is not None
+        if not await self._pause(p, (p.deadline - _now()).total_seconds()):
+            return
+        if p.status == "starting":
+            self._log(p, "deadline (Cancel-After) reached before the prediction started")
+            self._finish(p, "aborted")
+        else:
+            self._log(p, "deadline (Cancel-After) reached: prediction canceled")
+            self._finish(p, "canceled")
 
     async def _run(self, p: Prediction) -> None:
         # a prediction resumed after a restart may already be `processing`: it stays so (statuses
@@ -445,7 +527,17 @@ class Engine:
         t0 = time.monotonic()
         slow_render = p.fault("slow_render")
         min_processing = max(self.config.min_processing, slow_render.delay if slow_render else 0.0)
-        self._log(p, f"starting render of {len(p.input.get('images') or [])} image(s)")
+        model = self.models.resolve(p.model, p.version)
+        job: RenderJob | ClipJob | None = None
+        error: str | None = None
+        try:
+            job = model.plan(p.input)
+        except InputError as exc:
+            error = str(exc)
+        if isinstance(job, ClipJob):
+            self._log(p, f"starting render of a {job.seconds:g} s clip from {job.field}")
+        else:
+            self._log(p, f"starting render of {len(p.input.get('images') or [])} image(s)")
 
         if fail := p.fault("fail"):
             if await self._pause(p, min_processing):
@@ -461,19 +553,18 @@ class Engine:
             except RuntimeError:  # the loop closed during shutdown; nobody is listening
                 pass
 
-        error: str | None = None
-        try:
-            job = parse_input(p.input)
-            await loop.run_in_executor(
-                self._executor, render, job, path, p.cancel, log_from_thread, self._images
-            )
-        except RenderCanceled:
-            pass
-        except InputError as exc:
-            error = str(exc)
-        except Exception as exc:  # an encoder failure must end the prediction, not the task
-            error = f"render failed: {type(exc).__name__}: {exc}"
-        p.predict_time = time.monotonic() - t0
+        if job is not None:
+            try:
+                await loop.run_in_executor(
+                    self._executor, render, job, path, p.cancel, log_from_thread, self._images
+                )
+            except RenderCanceled:
+                pass
+            except InputError as exc:
+                error = str(exc)
+            except Exception:  # an encoder failure must end the prediction, not the task
+                log.exception("render of prediction %s failed", p.id)
+                error = "render failed (encoder error)"
         self._save(p)
 
         if p.terminal:  # canceled while rendering
@@ -491,13 +582,18 @@ class Engine:
         elif p.fault("not_mp4"):
             path.write_bytes(_not_mp4_bytes())
 
-        if not await self._pause(p, min_processing - (time.monotonic() - t0)):
+        render_time = time.monotonic() - t0
+        if not await self._pause(p, min_processing - render_time):
             path.unlink(missing_ok=True)
             return
         p.output = f"{p.base_url}/files/{p.id}.mp4"
-        self._log(p, f"render finished in {p.predict_time:.2f}s")
+        assert job is not None  # no error, so it was planned and rendered
+        p.video_seconds = job.seconds if isinstance(job, ClipJob) else sum(job.durations)
+        self._log(p, f"render finished in {render_time:.2f}s")
         self._emit(p, "output")
         self._finish(p, "succeeded")
+        if gone := p.fault("output_gone"):
+            p.gone_at = time.monotonic() + gone.delay
         self._spawn(self._expire(p, self.config.retention_seconds))
 
     async def _expire(self, p: Prediction, after: float) -> None:
@@ -510,3 +606,14 @@ class Engine:
         p.output = None
         p.data_removed = True
         self._save(p)
+
+
+def busiest_window(times: list[float], window: float) -> int:
+    """The most of `times` (ascending) that fall in any span of `window` seconds."""
+    best = 0
+    start = 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best

@@ -1,9 +1,19 @@
 """Queued fault injection, consumed by creates, renders and output downloads.
 
-Faults are queued with `POST /_admin/faults` ({"kind", "times", "delay", "detail"}) or given to a
-single prediction as `input._fault` (prediction kinds only). Each queued fault applies to the next
-`times` operations it concerns (null: until cleared). Faults are not persisted: a prediction
-resumed after a restart of the server runs without them. The kinds:
+Faults are queued with `POST /_admin/faults` ({"kind", "times", "delay", "detail", "match"}) or
+given to a single prediction as `input._fault` (prediction kinds only). Each queued fault applies
+to the next `times` operations it concerns (null: until cleared). Faults are not persisted: a
+prediction resumed after a restart of the server runs without them.
+
+`match` (create and prediction kinds) limits a queued fault to creates whose input matches, so a
+test can fail one scene of a job: an object of input field -> expected value, all of which must
+hold. A string matches a string field that contains it, or a list field (the slideshow's
+`images`) with an item that contains it; any other value must equal the field's. A fault that
+does not match is left queued, its `times` untouched. Examples:
+  {"kind": "fail", "match": {"prompt": "scene 3"}}
+  {"kind": "fail", "times": null, "match": {"start_image": "/scene-3.jpg"}}
+
+The kinds:
 
 Create calls (one at most per call, oldest first):
   rate_limit        429 problem with Retry-After: 30; nothing is created.
@@ -21,6 +31,9 @@ Predictions (taken when a prediction is created; every queued kind can apply at 
   lose_webhook      no webhook at all is sent for it (counted in `webhooks_dropped`).
   duplicate_webhook its `completed` webhook, once acknowledged, is delivered again after `delay`
                     seconds with the same webhook-id, as Replicate's retries do.
+  output_gone       succeeds, but its output file answers 410 Gone from `delay` seconds after
+                    it succeeded (0: at once), as an expired or lost output would; the
+                    prediction itself still shows the output URL.
 
 Output downloads (one at most per request, oldest first):
   download_error    500 problem instead of the file (also on HEAD and Range requests).
@@ -46,6 +59,7 @@ PREDICTION_KINDS = frozenset(
         "slow_create",
         "lose_webhook",
         "duplicate_webhook",
+        "output_gone",
     }
 )
 DOWNLOAD_KINDS = frozenset({"download_error", "slow_download"})
@@ -64,7 +78,15 @@ class Fault:
     times: int | None = 1  # None: applies until the faults are cleared
     delay: float = 0.0
     detail: str | None = None
+    match: dict[str, Any] | None = None
     id: int = field(default_factory=lambda: next(_ids))
+
+    def matches(self, inp: dict[str, Any] | None) -> bool:
+        if not self.match:
+            return True
+        if inp is None:
+            return False
+        return all(_field_matches(inp.get(k), v) for k, v in self.match.items())
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +95,7 @@ class Fault:
 def parse_fault(body: Any, allowed: frozenset[str] = ALL_KINDS) -> Fault:
     if not isinstance(body, dict):
         raise FaultSpecError("fault must be a JSON object")
-    unknown = set(body) - {"kind", "times", "delay", "detail"}
+    unknown = set(body) - {"kind", "times", "delay", "detail", "match"}
     if unknown:
         raise FaultSpecError(f"unknown fault fields: {', '.join(sorted(unknown))}")
     kind = body.get("kind")
@@ -89,7 +111,23 @@ def parse_fault(body: Any, allowed: frozenset[str] = ALL_KINDS) -> Fault:
     detail = body.get("detail")
     if detail is not None and not isinstance(detail, str):
         raise FaultSpecError("detail: must be a string")
-    return Fault(kind=kind, times=times, delay=float(delay), detail=detail)
+    match = body.get("match")
+    if match is not None:
+        if not isinstance(match, dict) or not match:
+            raise FaultSpecError("match: must be a non-empty object of input field -> value")
+        if kind in DOWNLOAD_KINDS:
+            raise FaultSpecError(f"match: {kind} concerns downloads, which have no input")
+    return Fault(kind=kind, times=times, delay=float(delay), detail=detail, match=match)
+
+
+def _field_matches(value: Any, expected: Any) -> bool:
+    if isinstance(expected, str):
+        if isinstance(value, str):
+            return expected in value
+        if isinstance(value, list):
+            return any(isinstance(item, str) and expected in item for item in value)
+        return False
+    return bool(value == expected)
 
 
 class FaultQueue:
@@ -109,12 +147,13 @@ class FaultQueue:
     def list(self) -> list[dict[str, Any]]:
         return [f.as_dict() for f in self._faults]
 
-    def take(self, kinds: frozenset[str]) -> list[Fault]:
-        """Consume one use of the oldest queued fault of each kind in `kinds`."""
+    def take(self, kinds: frozenset[str], inp: dict[str, Any] | None = None) -> list[Fault]:
+        """Consume one use of the oldest queued fault of each kind in `kinds` that matches
+        `inp` (the create's input)."""
         taken: list[Fault] = []
         seen: set[str] = set()
         for fault in list(self._faults):
-            if fault.kind not in kinds or fault.kind in seen:
+            if fault.kind not in kinds or fault.kind in seen or not fault.matches(inp):
                 continue
             seen.add(fault.kind)
             taken.append(fault)
@@ -124,9 +163,10 @@ class FaultQueue:
                     self._faults.remove(fault)
         return taken
 
-    def take_one(self, kinds: frozenset[str]) -> Fault | None:
-        """Consume the oldest fault among `kinds` (for kinds that exclude each other)."""
+    def take_one(self, kinds: frozenset[str], inp: dict[str, Any] | None = None) -> Fault | None:
+        """Consume the oldest fault among `kinds` that matches `inp` (for kinds that exclude
+        each other)."""
         for fault in self._faults:
-            if fault.kind in kinds:
-                return self.take(frozenset({fault.kind}))[0]
+            if fault.kind in kinds and fault.matches(inp):
+                return self.take(frozenset({fault.kind}), inp)[0]
         return None

@@ -20,34 +20,51 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import DEFAULT_WEBHOOK_SECRET, ServerConfig
+from .config import ServerConfig
 from .downloads import OutputDownload, until_disconnect
 from .engine import Cursor, Engine, Prediction
 from .faults import ALL_KINDS, PREDICTION_KINDS, Fault, FaultSpecError, parse_fault
-from .webhooks import EVENTS, secret_bytes
+from .models import InputInvalid, Model
+from .webhooks import EVENTS
 
-__all__ = ["DEFAULT_WEBHOOK_SECRET", "ServerConfig", "create_app"]
+__all__ = ["ServerConfig", "create_app"]
 
 PROBLEM = "application/problem+json"
-THROTTLED = "Request was throttled. Your rate limit resets in ~30s."
+THROTTLED = "Request was throttled. Your rate limit resets in ~{}s."
 FILE_NAME = re.compile(r"^([a-z0-9]{1,64})\.mp4$")
+# Cancel-After: "90s", "5m", "1h30m45s", or a bare number of seconds (Replicate's format)
+CANCEL_AFTER = re.compile(
+    r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$"
+    r"|^(?P<bare>\d+(?:\.\d+)?)$"
+)
+MIN_CANCEL_AFTER = 5.0  # seconds; Replicate refuses shorter deadlines
 
 
 class Problem(Exception):
     def __init__(
-        self, status: int, title: str, detail: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.title = title
         self.detail = detail
         self.headers = headers
+        self.extra = extra
 
 
 def problem(
-    status: int, title: str, detail: str, headers: dict[str, str] | None = None
+    status: int,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
-    body = {"title": title, "detail": detail, "status": status}
+    body = {"title": title, "detail": detail, "status": status, **(extra or {})}
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
@@ -106,6 +123,27 @@ def _prefer_wait(request: Request) -> float | None:
     return None
 
 
+def _cancel_after(request: Request) -> float | None:
+    header = request.headers.get("cancel-after")
+    if header is None:
+        return None
+    match = CANCEL_AFTER.match(header.strip().lower())
+    if not header.strip() or match is None:
+        raise _invalid("Cancel-After: must be a duration such as 30s, 5m or 1h30m")
+    hours, minutes, seconds, bare = (float(match.group(k) or 0) for k in ("h", "m", "s", "bare"))
+    total = hours * 3600 + minutes * 60 + seconds + bare
+    if total < MIN_CANCEL_AFTER:
+        raise _invalid(f"Cancel-After: must be at least {MIN_CANCEL_AFTER:g} seconds")
+    return total
+
+
+def _validation_failed(exc: InputInvalid) -> Problem:
+    """Replicate's answer to input that does not fit the model's schema."""
+    fields = [{"type": f.type, "field": f.field, "description": f.description} for f in exc.fields]
+    detail = "".join(f"- {f.field}: {f.description}\n" for f in exc.fields)
+    return Problem(422, "Input validation failed", detail, extra={"invalid_fields": fields})
+
+
 def _parse_create(body: dict[str, Any], allowed: set[str]) -> tuple[Any, ...]:
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -141,30 +179,46 @@ def _input_faults(spec: Any) -> list[Fault]:
         raise _invalid(f"input._fault: {exc}") from exc
 
 
-async def _create(request: Request, model: str, version: str, body: dict[str, Any]) -> Response:
+async def _create(
+    request: Request, model: Model, model_name: str, version: str, body: dict[str, Any]
+) -> Response:
+    """A create, in Replicate's order: the request's form, the rate limit, the model's input
+    schema (422), then the prediction."""
     engine = _engine(request)
     allowed = {"input", "webhook", "webhook_events_filter", "stream"}
     if version != "hidden":
         allowed.add("version")
     inp, webhook, events, faults = _parse_create(body, allowed)
     wait = _prefer_wait(request)
+    cancel_after = _cancel_after(request)
     engine.counts["creates"] += 1
-    fault = engine.take_create_fault()
+    retry_after = engine.throttle()
+    if retry_after is not None:
+        detail = THROTTLED.format(retry_after)
+        headers = {"Retry-After": str(retry_after)}
+        return problem(429, "Request was throttled", detail, headers)
+    if model.validates_on_create:
+        try:
+            model.validate(inp)
+        except InputInvalid as exc:
+            raise _validation_failed(exc) from exc
+    fault = engine.take_create_fault(inp)
     if fault is not None and fault.kind == "rate_limit":
-        detail = fault.detail or THROTTLED
+        detail = fault.detail or THROTTLED.format(30)
         return problem(429, "Request was throttled", detail, {"Retry-After": "30"})
     if fault is not None:
         return problem(500, "Internal Server Error", fault.detail or "Injected server error")
     # created (and started) before any hold below: a client that never sees the response has
     # still caused a prediction, as with Replicate when a response is lost
     p = engine.create(
-        model=model,
+        model=model_name,
         version=version,
         input=inp,
         base_url=_base_url(request),
         webhook=webhook,
         events=events,
         extra_faults=faults,
+        cancel_after=cancel_after,
     )
     if slow := p.fault("slow_create"):
         await _hold(request, slow.delay)
@@ -247,8 +301,16 @@ def _lookup(request: Request, prediction_id: str) -> Prediction:
     return p
 
 
+def _model(request: Request, owner: str, name: str) -> Model:
+    model = _engine(request).models.get(f"{owner}/{name}")
+    if model is None:
+        raise Problem(404, "Not found", f"Model {owner}/{name} was not found")
+    return model
+
+
 def create_app(config: ServerConfig) -> FastAPI:
-    secret_bytes(config.webhook_secret)  # fail at startup, not at the first webhook
+    """The app; raises DataDirError or ConfigError (a malformed webhook secret, a model schema
+    that cannot be used) here, before anything is served."""
     engine = Engine(config)
 
     @asynccontextmanager
@@ -265,7 +327,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> Response:
-        return problem(exc.status, exc.title, exc.detail, exc.headers)
+        return problem(exc.status, exc.title, exc.detail, exc.headers, exc.extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -283,16 +345,28 @@ def create_app(config: ServerConfig) -> FastAPI:
         version = body.get("version")
         if not isinstance(version, str) or not version:
             raise _invalid("version: required, a model version id")
-        model = config.model_name
         if ":" in version:  # "owner/name:version" names the model too
-            model, _, version = version.partition(":")
-        return await _create(request, model, version, body)
+            name, _, version = version.partition(":")
+            model = engine.models.get(name) or engine.models.for_version(version)
+        else:
+            model = engine.models.for_version(version)
+            name = model.name if model is not None else config.model_name
+        # a version id the server does not know runs the slideshow, as before models had names
+        model = model or engine.models.slideshow
+        return await _create(request, model, name, version, body)
 
     @app.post("/v1/models/{owner}/{name}/predictions")
     async def create_by_model(owner: str, name: str, request: Request) -> Response:
         _authenticate(request)
+        model = _model(request, owner, name)
         body = await _json_object(request)
-        return await _create(request, f"{owner}/{name}", "hidden", body)
+        return await _create(request, model, f"{owner}/{name}", "hidden", body)
+
+    @app.get("/v1/models/{owner}/{name}")
+    async def get_model(owner: str, name: str, request: Request) -> Response:
+        _authenticate(request)
+        model = _model(request, owner, name)
+        return JSONResponse(model.to_json(_base_url(request), engine.run_count(model)))
 
     @app.get("/v1/predictions")
     async def list_predictions(request: Request) -> Response:
@@ -326,7 +400,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/v1/webhooks/default/secret")
     async def webhook_secret(request: Request) -> Response:
         _authenticate(request)
-        return JSONResponse({"key": config.webhook_secret})
+        return JSONResponse({"key": engine.webhook_secret})
 
     @app.api_route("/files/{file_name}", methods=["GET", "HEAD"])
     async def output_file(file_name: str, request: Request) -> Response:
@@ -336,6 +410,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         fault = engine.take_download_fault(full)
         if fault is not None and fault.kind == "download_error":
             return problem(500, "Internal Server Error", "Injected download error")
+        if match and engine.output_gone(match.group(1)):
+            return problem(410, "Gone", f"File {file_name} is no longer available")
         path = engine.output_path(match.group(1)) if match else None
         missing = problem(404, "Not found", f"File {file_name} was not found")
         if path is None or not path.is_file():
@@ -358,6 +434,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         p = _lookup(request, prediction_id)
         text = html.escape(json.dumps(p.to_json(), indent=2))
         return HTMLResponse(f"<!doctype html><title>{p.id}</title><pre>{text}</pre>")
+
+    if config.admin:
+        _admin_routes(app, engine)
+    return app
+
+
+def _admin_routes(app: FastAPI, engine: Engine) -> None:
+    """Fault injection, counters and reset: only for a server started for tests."""
 
     @app.post("/_admin/faults", status_code=201)
     async def add_fault(request: Request) -> Response:
@@ -389,5 +473,3 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/_admin/health")
     async def health() -> Response:
         return JSONResponse({"ok": True})
-
-    return app

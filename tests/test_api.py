@@ -19,7 +19,6 @@ from temporalio.testing import WorkflowEnvironment
 from api.main import create_app
 from backend.database import Job, JobStore, make_engine
 from backend.settings import Settings
-from local_replicate.config import DEFAULT_WEBHOOK_SECRET
 from local_replicate.testing import RunningServer
 from local_replicate.threaded import UvicornThread
 from local_replicate.webhooks import sign
@@ -145,7 +144,7 @@ async def test_approve_while_temporal_is_down_is_503_and_keeps_the_job(
 
 
 async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
-    temporal_down: Settings,
+    temporal_down: Settings, renderer: RunningServer
 ) -> None:
     settings = temporal_down
     store = JobStore(make_engine(settings.resolved_database_url))
@@ -191,7 +190,7 @@ async def test_review_cancel_and_webhooks_while_temporal_is_down_are_503(
             headers = {
                 "webhook-id": "msg_down",
                 "webhook-timestamp": str(stamp),
-                "webhook-signature": sign(DEFAULT_WEBHOOK_SECRET, "msg_down", stamp, body),
+                "webhook-signature": sign(renderer.webhook_secret, "msg_down", stamp, body),
             }
             hook = await api.post(
                 f"/api/v2/webhooks/replicate?job_id={job_id}", content=body, headers=headers

@@ -24,7 +24,6 @@ from temporalio.testing import WorkflowEnvironment
 
 from backend.cli import temporal_binary
 from backend.provider import ProviderClient
-from local_replicate.config import DEFAULT_WEBHOOK_SECRET
 from local_replicate.testing import RunningServer
 from local_replicate.webhooks import sign
 from workflows.payloads import (
@@ -139,7 +138,8 @@ async def in_review(stack: Stack, count: int = 1) -> int:
     return job_id
 
 
-def signed_headers(body: str, *, secret: str = DEFAULT_WEBHOOK_SECRET, age: int = 0) -> dict:
+def signed_headers(body: str, *, secret: str, age: int = 0) -> dict:
+    """Headers of a webhook signed with `secret` (the render server's: renderer.webhook_secret)."""
     msg_id = f"msg_test_{time.monotonic_ns()}"
     stamp = int(time.time()) - age
     return {
@@ -208,7 +208,7 @@ async def test_forged_or_stale_webhooks_get_401_and_change_nothing(hooked: Stack
     bad_secret = "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQQ=="
     attempts = {
         "wrong secret": signed_headers(forged, secret=bad_secret),
-        "stale timestamp": signed_headers(forged, age=600),
+        "stale timestamp": signed_headers(forged, secret=hooked.renderer.webhook_secret, age=600),
         "no signature": {"content-type": "application/json"},
     }
     for name, headers in attempts.items():
@@ -216,7 +216,7 @@ async def test_forged_or_stale_webhooks_get_401_and_change_nothing(hooked: Stack
         assert response.status_code == 401, (name, response.text)
         assert "detail" in response.json()
     # A body changed after signing is refused too.
-    headers = signed_headers(forged)
+    headers = signed_headers(forged, secret=hooked.renderer.webhook_secret)
     tampered = forged.replace("evil", "eviler")
     assert (await hooked.api.post(url, content=tampered, headers=headers)).status_code == 401
 
@@ -280,17 +280,18 @@ async def test_repeated_or_late_webhook_is_harmless(hooked: Stack) -> None:
     url = f"/api/v2/webhooks/replicate?job_id={job_id}"
 
     # The same webhook id again (Replicate retrying) is acknowledged as already done.
-    again = signed_headers(body)
+    secret = hooked.renderer.webhook_secret
+    again = signed_headers(body, secret=secret)
     again["webhook-id"] = delivery["webhook_id"]
     again["webhook-signature"] = sign(
-        DEFAULT_WEBHOOK_SECRET, delivery["webhook_id"], int(again["webhook-timestamp"]), body
+        secret, delivery["webhook_id"], int(again["webhook-timestamp"]), body
     )
     response = await hooked.api.post(url, content=body, headers=again)
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "duplicate"
 
     # A new, valid webhook after the run closed changes nothing either.
-    late = await hooked.api.post(url, content=body, headers=signed_headers(body))
+    late = await hooked.api.post(url, content=body, headers=signed_headers(body, secret=secret))
     assert late.status_code == 200, late.text
     assert late.json()["status"] == "run_closed"
     after = hooked.store.get(job_id)
@@ -781,7 +782,9 @@ async def test_webhook_secret_unavailable_is_503_not_500(
     ) as stack:
         body = json.dumps({"id": "x", "status": "succeeded"})
         response = await stack.api.post(
-            "/api/v2/webhooks/replicate", content=body, headers=signed_headers(body)
+            "/api/v2/webhooks/replicate",
+            content=body,
+            headers=signed_headers(body, secret=renderer.webhook_secret),
         )
         assert response.status_code == 503
         assert "webhook signing secret" in response.json()["detail"]
@@ -837,7 +840,9 @@ async def test_numbers_beyond_json_are_422_not_500(stack: Stack, raw: str) -> No
 )
 async def test_signed_webhook_that_is_not_a_prediction_is_400(hooked: Stack, body: str) -> None:
     response = await hooked.api.post(
-        "/api/v2/webhooks/replicate?job_id=1", content=body, headers=signed_headers(body)
+        "/api/v2/webhooks/replicate?job_id=1",
+        content=body,
+        headers=signed_headers(body, secret=hooked.renderer.webhook_secret),
     )
     assert response.status_code == 400, response.text
     assert response.json()["detail"].startswith("Webhook body is not a prediction")

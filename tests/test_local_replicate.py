@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -29,13 +30,7 @@ from replicate.exceptions import ReplicateError
 from replicate.pagination import async_paginate, paginate
 from replicate.webhook import InvalidSignatureError, WebhookSigningSecret
 
-from local_replicate import (
-    DEFAULT_WEBHOOK_SECRET,
-    DataDirError,
-    RunningServer,
-    ServerConfig,
-    run_in_thread,
-)
+from local_replicate import DataDirError, RunningServer, ServerConfig, run_in_thread
 
 OPENAPI = Path("/work/shared/reference/replicate-openapi.json")
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
@@ -128,7 +123,7 @@ def create(api: httpx.Client, inp: dict[str, Any], **body: Any) -> dict[str, Any
     return check(resp.json(), str(api.base_url).rstrip("/"))
 
 
-def wait_done(api: httpx.Client, pid: str, timeout: float = 15) -> tuple[dict[str, Any], list[str]]:
+def wait_done(api: httpx.Client, pid: str, timeout: float = 60) -> tuple[dict[str, Any], list[str]]:
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -174,7 +169,28 @@ def final_calls(calls: list[Received]) -> list[Received]:
     return [c for c in calls if json.loads(c.body)["status"] in TERMINAL]
 
 
-def _wait_for(predicate: Any, timeout: float = 10) -> None:
+def assert_no_address(text: str) -> None:
+    """No host:port, no IP address, no object repr or exception class in an error text."""
+    assert not re.search(r":\d{2,5}\b", text), text
+    assert not re.search(r"\b\d{1,3}(\.\d{1,3}){3}\b", text), text
+    assert "localhost" not in text and " at 0x" not in text and "Error" not in text, text
+    assert "<" not in text and len(text) < 120, text
+
+
+def _seconds_between(start: str, end: str) -> float:
+    parse = datetime.fromisoformat
+    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def deliveries_of(lr: RunningServer, pid: str) -> list[dict[str, Any]]:
+    return [d for d in lr.stats()["webhook_deliveries"] if d["prediction_id"] == pid]
+
+
+def _wait_for(predicate: Any, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -212,10 +228,14 @@ def test_request_body_validation(api: httpx.Client) -> None:
     extra = api.post("/v1/predictions", json={"version": "v", "input": {}, "bogus": 1})
     assert "bogus" in assert_problem(extra, 422)["detail"]
     assert_problem(api.post("/v1/predictions", json={"input": {}}), 422)
-    assert_problem(api.post("/v1/models/o/n/predictions", json={"version": "v", "input": {}}), 422)
-    assert_problem(api.post("/v1/models/o/n/predictions", content=b"not json"), 422)
+    by_model = "/v1/models/local/slideshow/predictions"
+    assert_problem(api.post(by_model, json={"version": "v", "input": {}}), 422)
+    assert_problem(api.post(by_model, content=b"not json"), 422)
     bad_filter = {"input": {}, "webhook_events_filter": ["nope"]}
-    assert_problem(api.post("/v1/models/o/n/predictions", json=bad_filter), 422)
+    assert_problem(api.post(by_model, json=bad_filter), 422)
+    unknown = api.post("/v1/models/acme/unknown/predictions", json={"input": {}})
+    assert assert_problem(unknown, 404)["detail"] == "Model acme/unknown was not found"
+    assert_problem(api.get("/v1/models/acme/unknown"), 404)
     assert_problem(api.get("/v1/predictions/doesnotexist"), 404)
     assert_problem(api.post("/v1/predictions/doesnotexist/cancel"), 404)
     assert_problem(api.get("/v1/nothing-here"), 404)
@@ -228,14 +248,19 @@ def test_create_by_version_lifecycle_and_video(
     api: httpx.Client, images: list[str], tmp_path: Path
 ) -> None:
     durations = [0.5, 1.0, 0.75]
-    pred = create(api, {"images": images[:3], "durations": durations, "prompt": "ignored"})
+    inp = {"images": images[:3], "durations": durations, "prompt": "ignored"}
+    # held `processing` by the fault, so the polls below see it there
+    pred = create(api, {**inp, "_fault": {"kind": "slow_render", "delay": 1.5}})
+    # the create's answer is made before the prediction's task first runs
     assert pred["status"] == "starting" and pred["output"] is None
     assert pred["version"] == "v1" and pred["input"]["durations"] == durations
+    assert pred["model"] == "local-replicate/slideshow"
     done, seen = wait_done(api, pred["id"])
-    assert seen[-2:] == ["processing", "succeeded"] and seen[0] in ("starting", "processing")
+    assert seen[-2:] == ["processing", "succeeded"]
     assert done["output"] == f"{str(api.base_url).rstrip('/')}/files/{pred['id']}.mp4"
     assert done["error"] is None and done["data_removed"] is False and done["logs"]
-    assert done["metrics"]["predict_time"] > 0
+    assert done["metrics"]["predict_time"] >= 1.5  # the time it ran, held by the fault
+    assert done["metrics"]["video_output_duration_seconds"] == sum(durations)
 
     resp = download(done["output"], tmp_path / "out.mp4")
     assert resp.status_code == 200 and resp.headers["content-type"] == "video/mp4"
@@ -249,18 +274,26 @@ def test_create_by_version_lifecycle_and_video(
 
 def test_create_by_model_endpoint(api: httpx.Client, images: list[str], tmp_path: Path) -> None:
     resp = api.post(
-        "/v1/models/acme/slideshow/predictions",
+        "/v1/models/local/slideshow/predictions",
         json={"input": {"images": [images[1]], "durations": [0.4], "fps": 10, **SMALL}},
     )
     assert resp.status_code == 201
     pred = check(resp.json(), str(api.base_url).rstrip("/"))
     assert (pred["model"], pred["version"], pred["status"]) == (
-        "acme/slideshow",
+        "local/slideshow",
         "hidden",
         "starting",
     )
     done, seen = wait_done(api, pred["id"])
-    assert "processing" in seen and done["status"] == "succeeded"
+    assert done["status"] == "succeeded"
+    assert done["metrics"]["video_output_duration_seconds"] == 0.4
+    # the old default name is the slideshow too
+    old = api.post(
+        "/v1/models/local-replicate/slideshow/predictions",
+        json={"input": {"images": [images[1]], "durations": [0.2], **SMALL}},
+    )
+    assert old.status_code == 201 and old.json()["model"] == "local-replicate/slideshow"
+    assert wait_done(api, old.json()["id"])[0]["status"] == "succeeded"
     download(done["output"], tmp_path / "m.mp4")
     _, width, height, duration = probe_video(tmp_path / "m.mp4")
     assert (width, height) == (320, 240) and abs(duration - 0.4) < 0.1
@@ -283,20 +316,29 @@ def test_data_url_images_and_default_durations(api: httpx.Client, tmp_path: Path
         ({"images": ["IMG", "IMG"], "durations": [1]}, "durations"),
         ({"images": ["IMG"], "durations": [-1]}, "durations[0]"),
         ({"images": ["IMG"], "width": 321}, "even"),
-        ({"images": ["http://127.0.0.1:9/missing.png"]}, "http://127.0.0.1:9/missing.png"),
-        ({"images": ["IMG404"]}, "HTTP 404"),
+        (
+            {"images": ["IMG", "http://127.0.0.1:9/missing.png"]},
+            "images[1]: could not fetch the image (connection failed)",
+        ),
+        ({"images": ["IMG404"]}, "images[0]: could not fetch the image (HTTP 404)"),
+        ({"images": ["IMGTXT"]}, "images[0]: could not decode the image (not a supported image)"),
     ],
 )
 def test_bad_input_fails_the_prediction(
     api: httpx.Client, images: list[str], inp: dict[str, Any], message: str
 ) -> None:
-    subst = {"IMG": images[0], "IMG404": images[0].replace("img0", "nope")}
+    subst = {
+        "IMG": images[0],
+        "IMG404": images[0].replace("img0", "nope"),
+        "IMGTXT": "data:text/plain,not%20an%20image",
+    }
     if "images" in inp:
         inp = {**inp, "images": [subst.get(u, u) for u in inp["images"]]}
     pred = create(api, inp)
     done, _ = wait_done(api, pred["id"])
     assert done["status"] == "failed" and done["output"] is None
     assert message in done["error"]
+    assert_no_address(done["error"])
 
 
 def test_replicate_client_roundtrip(lr: RunningServer, images: list[str], tmp_path: Path) -> None:
@@ -313,8 +355,8 @@ def test_replicate_client_roundtrip(lr: RunningServer, images: list[str], tmp_pa
     (tmp_path / "c.mp4").write_bytes(httpx.get(prediction.output).content)
     assert abs(probe_video(tmp_path / "c.mp4")[3] - 1.0) < 0.1
 
-    by_model = client.predictions.create(model="acme/slides", input={"images": [images[0]]})
-    assert by_model.version == "hidden" and by_model.model == "acme/slides"
+    by_model = client.predictions.create(model="local/slideshow", input={"images": [images[0]]})
+    assert by_model.version == "hidden" and by_model.model == "local/slideshow"
     canceled = client.predictions.cancel(by_model.id)
     assert canceled.status == "canceled"
     assert client.predictions.get(by_model.id).status == "canceled"
@@ -339,10 +381,11 @@ def test_prefer_wait(api: httpx.Client, lr: RunningServer, images: list[str]) ->
     pred = create(api, inp, headers={"Prefer": "wait=10"})
     assert pred["status"] == "succeeded" and pred["output"]
 
-    lr.add_fault("slow_render", delay=3)
+    lr.add_fault("slow_render", delay=10)
     started = time.monotonic()
     pred = create(api, inp, headers={"Prefer": "wait=1"})
-    assert 0.9 < time.monotonic() - started < 2.5
+    # answered after the wait, and before the held render ended (it would read succeeded)
+    assert time.monotonic() - started > 0.9
     assert pred["status"] in ("starting", "processing")
     api.post(f"/v1/predictions/{pred['id']}/cancel")
 
@@ -378,7 +421,7 @@ def test_list_predictions_newest_first_with_full_results(
     done, _ = wait_done(api, create(api, inp)["id"])
     failed = create(api, {**inp, "_fault": {"kind": "fail"}})
     wait_done(api, failed["id"])
-    by_model = api.post("/v1/models/acme/slides/predictions", json={"input": inp}).json()
+    by_model = api.post("/v1/models/local/slideshow/predictions", json={"input": inp}).json()
     api.post(f"/v1/predictions/{by_model['id']}/cancel")
 
     page = list_page(api)
@@ -391,7 +434,7 @@ def test_list_predictions_newest_first_with_full_results(
         assert full["logs"] and listed == {k: v for k, v in full.items() if k != "logs"}
     first = page["results"][0]
     assert (first["model"], first["version"], first["status"]) == (
-        "acme/slides",
+        "local/slideshow",
         "hidden",
         "canceled",
     )
@@ -485,19 +528,18 @@ def test_list_filters_by_creation_time_and_source(
 def test_cancel_while_processing_and_after_finish(
     api: httpx.Client, lr: RunningServer, images: list[str], tmp_path: Path
 ) -> None:
-    lr.add_fault("slow_render", delay=5)
+    lr.add_fault("slow_render", delay=60)
     pred = create(api, {"images": [images[0]], **SMALL})
-    while api.get(f"/v1/predictions/{pred['id']}").json()["status"] != "processing":
-        time.sleep(0.02)
+    _wait_for(lambda: api.get(f"/v1/predictions/{pred['id']}").json()["status"] == "processing")
     resp = api.post(f"/v1/predictions/{pred['id']}/cancel")
     assert resp.status_code == 200
     canceled = check(resp.json(), lr.base_url)
     assert canceled["status"] == "canceled" and canceled["completed_at"]
     again = check(api.post(f"/v1/predictions/{pred['id']}/cancel").json(), lr.base_url)
     assert again["status"] == "canceled" and again["completed_at"] == canceled["completed_at"]
-    time.sleep(0.3)
+    # its output file (rendered while the fault held it) is removed once the render sees it
+    _wait_for(lambda: not (Path(lr.config.data_dir) / f"{pred['id']}.mp4").exists())
     assert api.get(f"/v1/predictions/{pred['id']}").json()["output"] is None
-    assert not (Path(lr.config.data_dir) / f"{pred['id']}.mp4").exists()
 
     done, _ = wait_done(api, create(api, {"images": [images[0]], **SMALL})["id"])
     after = check(api.post(f"/v1/predictions/{done['id']}/cancel").json(), lr.base_url)
@@ -509,10 +551,11 @@ def test_cancel_while_processing_and_after_finish(
 
 
 def test_cancel_while_starting(api: httpx.Client, lr: RunningServer, images: list[str]) -> None:
-    lr.add_fault("slow_start", delay=5)
+    lr.add_fault("slow_start", delay=60)
     pred = create(api, {"images": [images[0]], **SMALL})
     resp = check(api.post(f"/v1/predictions/{pred['id']}/cancel").json(), lr.base_url)
     assert resp["status"] == "canceled" and "started_at" not in resp
+    assert "predict_time" not in resp["metrics"]  # never ran, so nothing to bill
 
 
 # -- faults --
@@ -546,7 +589,9 @@ def test_fault_rate_limit_and_server_error(
     api: httpx.Client, lr: RunningServer, images: list[str]
 ) -> None:
     lr.add_fault("rate_limit")
-    resp = api.post("/v1/models/o/n/predictions", json={"input": {"images": [images[0]]}})
+    resp = api.post(
+        "/v1/models/local/slideshow/predictions", json={"input": {"images": [images[0]]}}
+    )
     body = assert_problem(resp, 429)
     assert body["detail"] == "Request was throttled. Your rate limit resets in ~30s."
     assert resp.headers["retry-after"] == "30"
@@ -567,19 +612,17 @@ def test_fault_slow_start_and_slow_render(
     api: httpx.Client, lr: RunningServer, images: list[str]
 ) -> None:
     inp = {"images": [images[0]], "durations": [0.2], **SMALL}
-    lr.add_fault("slow_start", delay=0.8)
-    pred = create(api, inp)
-    time.sleep(0.6)
-    assert api.get(f"/v1/predictions/{pred['id']}").json()["status"] == "starting"
-    assert wait_done(api, pred["id"])[0]["status"] == "succeeded"
+    lr.add_fault("slow_start", delay=1.0)
+    done, seen = wait_done(api, create(api, inp)["id"])
+    # the timestamps show the hold, whatever the polls happened to see
+    assert done["status"] == "succeeded" and seen[0] == "starting"
+    assert _seconds_between(done["created_at"], done["started_at"]) >= 1.0
 
-    lr.add_fault("slow_render", delay=0.8)
-    pred = create(api, inp)
-    time.sleep(0.7)
-    assert api.get(f"/v1/predictions/{pred['id']}").json()["status"] == "processing"
-    done, _ = wait_done(api, pred["id"])
-    started = done["started_at"]
-    assert done["status"] == "succeeded" and started < done["completed_at"]
+    lr.add_fault("slow_render", delay=1.0)
+    done, _ = wait_done(api, create(api, inp)["id"])
+    assert done["status"] == "succeeded"
+    assert _seconds_between(done["started_at"], done["completed_at"]) >= 1.0
+    assert done["metrics"]["predict_time"] >= 1.0  # billed for the time it ran
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not_mp4"])
@@ -619,7 +662,7 @@ def test_fault_slow_create_holds_the_response_not_the_prediction(
     api: httpx.Client, lr: RunningServer, images: list[str]
 ) -> None:
     inp = {"images": [images[0]], "durations": [0.2], **SMALL}
-    lr.add_fault("slow_create", delay=1.5)
+    lr.add_fault("slow_create", delay=6)
     answer: dict[str, Any] = {}
 
     def call() -> None:
@@ -634,12 +677,12 @@ def test_fault_slow_create_holds_the_response_not_the_prediction(
 
     caller = threading.Thread(target=call)
     caller.start()
-    _wait_for(lambda: len(lr.stats()["predictions"]) == 1, timeout=1.0)
+    _wait_for(lambda: len(lr.stats()["predictions"]) == 1, timeout=5)
     assert caller.is_alive()  # the prediction exists before its create call has answered
     (pid,) = lr.stats()["predictions"]
-    caller.join(10)
+    caller.join(30)
     resp = answer["resp"]
-    assert resp.status_code == 201 and 1.4 < answer["took"] < 3
+    assert resp.status_code == 201 and answer["took"] >= 5.9
     pred = check(resp.json(), lr.base_url)
     # it was rendering while the response was held
     assert pred["id"] == pid and pred["status"] != "starting"
@@ -664,11 +707,11 @@ def test_fault_slow_create_client_timeout_leaves_one_running_prediction(
 
     # with `wait`, its read timeout is wait + 0.5 s
     lr.reset()
-    lr.add_fault("slow_create", delay=5)
+    lr.add_fault("slow_create", delay=15)
     started = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
         client.predictions.create(version="v", input=inp, wait=1)
-    assert time.monotonic() - started < 2.5  # the client does not retry a create
+    assert time.monotonic() - started < 12  # gave up long before the hold ended, no retry
     stats = lr.stats()
     assert stats["creates"] == 1 and len(stats["predictions"]) == 1
     (pid,) = stats["predictions"]
@@ -720,13 +763,13 @@ def test_fault_slow_download_spreads_the_transfer(
     api: httpx.Client, lr: RunningServer, images: list[str]
 ) -> None:
     url, whole = _output(api, images)
-    lr.add_fault("slow_download", delay=1.5)
-    # HEAD and Range requests are answered at once and leave the fault for the next full GET
-    started = time.monotonic()
+    delay = 1.5
+    lr.add_fault("slow_download", delay=delay)
+    # HEAD and Range requests are answered whole and leave the fault for the next full GET
     head = httpx.head(url)
     assert head.status_code == 200 and head.headers["content-length"] == str(len(whole))
     assert httpx.get(url, headers={"Range": "bytes=0-7"}).content == whole[:8]
-    assert time.monotonic() - started < 0.5
+    assert [f["kind"] for f in lr.stats()["faults"]] == ["slow_download"]
 
     got = b""
     progress: list[tuple[float, int]] = []
@@ -738,14 +781,17 @@ def test_fault_slow_download_spreads_the_transfer(
             got += chunk
             progress.append((time.monotonic() - started, len(got)))
     took = time.monotonic() - started
-    assert got == whole and 1.4 < took < 2.5
-    # evenly spread: about half of it by half time, in many pieces
-    by_half_time = max((n for t, n in progress if t <= 0.75), default=0)
-    assert 0.3 * len(whole) < by_half_time < 0.7 * len(whole)
-    assert len(progress) >= 10
+    assert got == whole
+    # Spread over the delay: the server hands over each piece no earlier than its share of the
+    # time, so whatever the load, the client never has more than that share (plus rounding to
+    # the server's pieces, about 1/30 of the file each) and the last byte comes after the delay.
+    piece = len(whole) / (delay * 20) + 1
+    for at, received in progress:
+        assert received <= at / delay * len(whole) + 2 * piece, (at, received, len(whole))
+    assert took >= delay - 0.01
+    assert lr.stats()["faults"] == []  # used up: the next GET is whole at once
 
-    started = time.monotonic()
-    assert httpx.get(url).content == whole and time.monotonic() - started < 0.5  # used up
+    assert httpx.get(url).content == whole
     stats = lr.stats()
     assert stats["download_completes"] == 3 and stats["download_aborts"] == 0
     assert stats["file_gets"] == 5
@@ -755,7 +801,7 @@ def test_fault_slow_download_stops_when_the_client_goes(
     api: httpx.Client, lr: RunningServer, images: list[str]
 ) -> None:
     url, whole = _output(api, images)
-    lr.add_fault("slow_download", delay=5)
+    lr.add_fault("slow_download", delay=10)
     got = 0
     started = time.monotonic()
     with httpx.stream("GET", url) as resp:
@@ -765,8 +811,9 @@ def test_fault_slow_download_stops_when_the_client_goes(
                 break  # closing the response with body left unread drops the connection
     left = time.monotonic()
     assert 0 < got < len(whole) / 2
-    _wait_for(lambda: lr.stats()["download_aborts"] == 1, timeout=3)
-    assert time.monotonic() - left < 1.0
+    # well before the 10 s transfer would have ended
+    _wait_for(lambda: lr.stats()["download_aborts"] == 1, timeout=8)
+    assert time.monotonic() - left < 8
     assert lr.stats()["download_completes"] == 1  # only the plain download in _output
 
 
@@ -777,7 +824,7 @@ async def test_fault_slow_download_cancelled_async_reader(
     api = httpx.Client(base_url=lr.base_url, headers={"Authorization": "Bearer t"})
     await asyncio.to_thread(lr.reset)
     url, whole = await asyncio.to_thread(_output, api, images)
-    await asyncio.to_thread(lr.add_fault, "slow_download", delay=5)
+    await asyncio.to_thread(lr.add_fault, "slow_download", delay=10)
     received = 0
 
     async def read() -> None:
@@ -787,14 +834,18 @@ async def test_fault_slow_download_cancelled_async_reader(
                 received += len(chunk)
 
     reader = asyncio.create_task(read())
-    await asyncio.sleep(0.5)
+    # cancelled mid-transfer: once some of it, which takes 10 s in all, has come
+    deadline = time.monotonic() + 8
+    while received == 0:
+        assert time.monotonic() < deadline, "nothing arrived"
+        await asyncio.sleep(0.02)
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
     assert 0 < received < len(whole)
     left = time.monotonic()
     while (await asyncio.to_thread(lr.stats))["download_aborts"] != 1:
-        assert time.monotonic() - left < 1.0, "the server kept sending"
+        assert time.monotonic() - left < 8, "the server kept sending"  # the 10 s transfer
         await asyncio.sleep(0.03)
 
 
@@ -823,7 +874,7 @@ def test_fault_lose_webhook(api: httpx.Client, lr: RunningServer, images: list[s
             api, {**inp, "_fault": {"kind": "lose_webhook"}}, webhook=f"{hooks.base_url}/own"
         )
         wait_done(api, own["id"])
-        time.sleep(0.3)
+        # withheld when emitted, never queued: the count is complete once it has finished
         assert hooks.to("/lost") == [] and hooks.to("/own") == []
     stats = lr.stats()
     # start, at least one log line, output and completed
@@ -834,6 +885,13 @@ def test_fault_lose_webhook(api: httpx.Client, lr: RunningServer, images: list[s
 def test_fault_duplicate_webhook(api: httpx.Client, lr: RunningServer, images: list[str]) -> None:
     secret = _secret(api)
     inp = {"images": [images[0]], "durations": [0.2], **SMALL}
+
+    def log(pid: str) -> list[tuple[int, bool, bool]]:
+        return [
+            (d["attempt"], d["duplicate"], d["ok"])
+            for d in lr.stats()["webhook_deliveries"]
+            if d["prediction_id"] == pid and d["event"] == "completed"
+        ]
 
     with webhook_receiver() as hooks:
         hooks.respond = lambda path, n: 500 if path == "/flaky" and n == 1 else 200
@@ -857,23 +915,18 @@ def test_fault_duplicate_webhook(api: httpx.Client, lr: RunningServer, images: l
         flaky = create(
             api, inp, webhook=f"{hooks.base_url}/flaky", webhook_events_filter=["completed"]
         )
-        _wait_for(lambda: len(hooks.to("/flaky")) == 3)
-        time.sleep(0.3)
+        # the redelivery, once acknowledged, is the last the sender makes
+        _wait_for(lambda: (True, True) in [(d, ok) for _, d, ok in log(flaky["id"])])
         assert len(hooks.to("/flaky")) == 3
         assert len({c.headers["webhook-id"] for c in hooks.to("/flaky")}) == 1
-
-    def log(pid: str) -> list[tuple[int, bool, bool]]:
-        return [
-            (d["attempt"], d["duplicate"], d["ok"])
-            for d in lr.stats()["webhook_deliveries"]
-            if d["prediction_id"] == pid and d["event"] == "completed"
-        ]
 
     assert log(dup["id"]) == [(1, False, True), (2, True, True)]
     assert log(flaky["id"]) == [(1, False, False), (2, False, True), (3, True, True)]
 
 
 def test_stats_and_reset(api: httpx.Client, lr: RunningServer, images: list[str]) -> None:
+    # held `starting`: without the fault the render could finish before the stats are read
+    lr.add_fault("slow_start", delay=60)
     pred = create(api, {"images": [images[0]], **SMALL})
     lr.add_fault("fail", times=None)
     stats = lr.stats()
@@ -894,10 +947,14 @@ def test_retention_removes_output(tmp_path: Path, images: list[str]) -> None:
         api = httpx.Client(base_url=base, headers={"Authorization": "Bearer t"})
         done, _ = wait_done(api, create(api, {"images": [images[0]], **SMALL})["id"])
         url = done["output"]
-        assert httpx.get(url).status_code == 200
-        time.sleep(0.8)
-        removed = check(api.get(f"/v1/predictions/{done['id']}").json(), base)
-        assert removed["output"] is None and removed["data_removed"] is True
+        assert done["data_removed"] is False
+
+        def removed() -> dict[str, Any]:
+            return check(api.get(f"/v1/predictions/{done['id']}").json(), base)
+
+        _wait_for(lambda: removed()["data_removed"])
+        assert removed()["output"] is None
+        assert _seconds_between(done["completed_at"], _now_rfc3339()) >= 0.5
         assert_problem(httpx.get(url), 404)
         assert not list(tmp_path.glob("*.mp4"))
 
@@ -953,7 +1010,9 @@ def test_webhook_filter_retry_and_no_redirects(
             api, inp, webhook=f"{hooks.base_url}/moved", webhook_events_filter=["completed"]
         )
         _wait_for(lambda: len(hooks.to("/flaky")) == 3 and len(hooks.to("/moved")) == 4)
-        time.sleep(0.3)
+        # the sender's log shows it has stopped: /flaky acknowledged, /moved out of retries
+        _wait_for(lambda: len(deliveries_of(lr, flaky["id"])) == 3)
+        _wait_for(lambda: len(deliveries_of(lr, moved["id"])) == 4)
         assert len(hooks.to("/flaky")) == 3 and len(hooks.to("/moved")) == 4
         assert not hooks.to("/redirected")
         # retries carry the same message id, each freshly signed
@@ -979,7 +1038,10 @@ def test_webhook_retries_only_completed_with_backoff(
         down = create(api, inp, webhook=f"{hooks.base_url}/down")
         wait_done(api, down["id"])
         _wait_for(lambda: len(final_calls(hooks.to("/down"))) == 4)
-        time.sleep(0.5)
+        # 1 try + the 3 configured retries: the sender has given up on `completed`
+        _wait_for(
+            lambda: sum(d["event"] == "completed" for d in deliveries_of(lr, down["id"])) == 4
+        )
         calls = hooks.to("/down")
         completed = final_calls(calls)
         # 1 + the 3 configured retries, one message id, spaced by the configured backoff
@@ -1006,7 +1068,6 @@ def test_webhook_retries_only_completed_with_backoff(
         return [d for d in lr.stats()["webhook_deliveries"] if d["prediction_id"] == gone["id"]]
 
     _wait_for(lambda: len(tries()) == 5)
-    time.sleep(0.3)
     log = tries()
     assert [(d["event"], d["attempt"]) for d in log] == [
         ("start", 1),
@@ -1021,6 +1082,7 @@ def test_webhook_retries_only_completed_with_backoff(
 
 def test_webhook_signature_uses_the_configured_secret(tmp_path: Path, images: list[str]) -> None:
     key = "whsec_" + base64.b64encode(b"another-secret-just-for-this-test").decode()
+    generated = "whsec_" + base64.b64encode(b"what a data dir would generate").decode()
     config = ServerConfig(data_dir=tmp_path, webhook_secret=key, start_delay=0.05)
     with RunningServer(config) as server, webhook_receiver() as hooks:
         api = httpx.Client(base_url=server.base_url, headers={"Authorization": "Bearer t"})
@@ -1037,7 +1099,7 @@ def test_webhook_signature_uses_the_configured_secret(tmp_path: Path, images: li
         replicate.webhooks.validate(
             headers=call.headers,
             body=call.body,
-            secret=WebhookSigningSecret(key=DEFAULT_WEBHOOK_SECRET),
+            secret=WebhookSigningSecret(key=generated),
         )
     # Standard Webhooks by hand: HMAC-SHA256 of "id.timestamp.body" under the decoded secret
     msg_id, stamp = call.headers["webhook-id"], call.headers["webhook-timestamp"]
@@ -1138,8 +1200,9 @@ def test_unfinished_predictions_resume_after_a_restart(tmp_path: Path, images: l
         assert final_calls(hooks.to("/rendering")) == [] and hooks.to("/waiting") == []
 
         with RunningServer(config, port=port) as second, _client(second) as api:
-            done, seen = wait_done(api, rendering["id"], timeout=20)
-            assert seen[0] == "processing" and done["status"] == "succeeded"
+            done, seen = wait_done(api, rendering["id"])
+            # it resumes as `processing` (statuses only move forward) with its started_at
+            assert "starting" not in seen and done["status"] == "succeeded"
             for key in ("id", "created_at", "started_at", "input", "model", "version"):
                 assert done[key] == before[key], key
             assert "render server restarted" in done["logs"]
@@ -1147,7 +1210,7 @@ def test_unfinished_predictions_resume_after_a_restart(tmp_path: Path, images: l
             download(done["output"], tmp_path / "resumed.mp4")
             assert abs(probe_video(tmp_path / "resumed.mp4")[3] - 0.3) < 0.1
 
-            other, _ = wait_done(api, waiting["id"], timeout=20)
+            other, _ = wait_done(api, waiting["id"])
             assert other["status"] == "succeeded" and other["created_at"] == waiting["created_at"]
 
             # the completed webhooks go to the URLs given at creation, signed as before

@@ -17,19 +17,29 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 from support import Stack
 from temporalio.api.enums.v1 import EventType
 
-from local_replicate.config import DEFAULT_WEBHOOK_SECRET
+from local_replicate.testing import RunningServer
 from local_replicate.webhooks import sign
 
 URL = "/api/v2/webhooks/replicate"
 
 
+@pytest.fixture(autouse=True)
+def _secret(renderer: RunningServer) -> None:
+    # The render server's secret is random per data directory: sign with the one it serves.
+    SECRET[:] = [renderer.webhook_secret]
+
+
+SECRET: list[str] = []
+
+
 def signed(body: str, msg_id: str | None = None, extra: str = "") -> dict[str, str]:
     msg_id = msg_id or f"msg_{uuid.uuid4().hex}"
     stamp = int(time.time())
-    signature = sign(DEFAULT_WEBHOOK_SECRET, msg_id, stamp, body)
+    signature = sign(SECRET[0], msg_id, stamp, body)
     return {
         "content-type": "application/json",
         "webhook-id": msg_id,
