@@ -3,6 +3,7 @@ that repairs any job whose status disagrees with its closed workflow."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -259,6 +260,9 @@ class JobActivities:
                     "Job %s: could not remove %s: %s", job_id, leftover.name, exc
                 )
                 problems.append(f"could not remove {leftover.name} ({short_reason(exc)})")
+        # An empty scenes folder says nothing; one with clips keeps them for the next run.
+        with contextlib.suppress(OSError):
+            self.settings.scenes_dir(job_id).rmdir()
         return removed, problems
 
     @activity.defn

@@ -146,15 +146,23 @@ class MediaActivities:
         folder = self.settings.scenes_dir(input.job_id)
         unverified = folder / f".{input.clip}.unverified"
         try:
+            await in_thread(_check_mp4_signature, unverified)
             report = await self._blocking(
                 media.check_clip,
                 unverified,
                 min_seconds=input.min_seconds,
                 still_image=input.still_image,
             )
-        except media.MediaError as exc:
+        except (media.MediaError, InvalidVideo) as exc:
             unverified.unlink(missing_ok=True)
-            raise fatal(f"{_scene_name(input.number).capitalize()}: {exc}", "InvalidClip") from exc
+            # The file's name is ours, not the user's: it is "the clip" to them.
+            reason = str(exc).replace(unverified.name, "the clip")
+            message = (
+                f"Scene {input.number}: {reason}"
+                if input.number
+                else reason[:1].upper() + reason[1:]
+            )
+            raise fatal(message, "InvalidClip") from exc
         try:
             os.replace(unverified, folder / input.clip)
         except OSError as exc:
@@ -354,6 +362,15 @@ async def _body(response: httpx.Response) -> AsyncIterator[bytes]:
 
 class InvalidVideo(ValueError):
     pass
+
+
+def _check_mp4_signature(path: Path) -> None:
+    if not path.is_file():
+        raise InvalidVideo("The downloaded clip is missing")
+    with path.open("rb") as handle:
+        head = handle.read(12)
+    if len(head) < 8 or head[4:8] != MP4_MAGIC:
+        raise InvalidVideo("Downloaded file is not an MP4 (no 'ftyp' box at byte 4)")
 
 
 def probe_video(path: Path) -> VideoInfo:

@@ -846,6 +846,10 @@ class JobStore:
             row.state = "adopted"
             row.updated_at = _now()
             session.add(row)
+            job = session.get(Job, job_id)
+            if job is not None and not row.scene:
+                job.prediction_id = prediction_id
+                session.add(job)
             session.commit()
             return True
 

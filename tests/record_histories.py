@@ -35,7 +35,7 @@ from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from backend.cli import temporal_binary  # noqa: E402
 from local_replicate.config import ServerConfig  # noqa: E402
 from local_replicate.testing import RunningServer  # noqa: E402
-from workflows.payloads import workflow_id_for  # noqa: E402
+from workflows.payloads import scene_workflow_id, workflow_id_for  # noqa: E402
 from workflows.render_video import SEARCH_ATTRIBUTES, RenderVideo  # noqa: E402
 
 HISTORIES_DIR = TESTS_DIR / "histories"
@@ -83,9 +83,14 @@ async def wait_until(what: str, check: Callable[[], Awaitable[bool]]) -> None:
 
 
 async def finish(
-    stack: Stack, job_id: int, status: WorkflowExecutionStatus, job_status: str
-) -> WorkflowHistory:
-    """Waits for the run to close, checks how it closed, and fetches its history."""
+    stack: Stack,
+    job_id: int,
+    status: WorkflowExecutionStatus,
+    job_status: str,
+    scenes: list[int] | None = None,
+) -> tuple[WorkflowHistory, list[WorkflowHistory]]:
+    """Waits for the run to close, checks how it closed, and fetches its history and its
+    scene runs' (`scenes`: their numbers; 0 is a whole-storyboard model's one scene run)."""
     try:
         job = await asyncio.wait_for(stack.wait_closed(job_id), RUN_TIMEOUT_SECONDS)
     except TimeoutError as exc:
@@ -97,7 +102,11 @@ async def finish(
         job["status"] == job_status,
         f"Job {job_id} is {job['status']!r} ({job['error_message']}), expected {job_status!r}",
     )
-    return await handle.fetch_history()
+    scene_histories = []
+    for number in [0] if scenes is None else scenes:
+        scene = stack.temporal.get_workflow_handle(scene_workflow_id(job_id, number))
+        scene_histories.append(await scene.fetch_history())
+    return await handle.fetch_history(), scene_histories
 
 
 async def start_approved(stack: Stack, scenes: int = 2) -> int:
@@ -107,32 +116,32 @@ async def start_approved(stack: Stack, scenes: int = 2) -> int:
     return job_id
 
 
-async def record_completed_by_webhook(stack: Stack) -> Recorded:
+async def record_completed_by_webhook(stack: Stack) -> list[Recorded]:
     job_id = await start_approved(stack)
-    history = await finish(stack, job_id, WorkflowExecutionStatus.COMPLETED, "completed")
+    history, [scene] = await finish(stack, job_id, WorkflowExecutionStatus.COMPLETED, "completed")
     expect(
-        "prediction_finished" in signal_names(history),
+        "prediction_finished" in signal_names(scene),
         "the completed run did not hear the webhook: the signal path is not in its history",
     )
-    return Recorded("completed", history)
+    return [Recorded("completed", history), Recorded("completed.scene", scene)]
 
 
-async def record_completed_by_polling(stack: Stack) -> Recorded:
+async def record_completed_by_polling(stack: Stack) -> list[Recorded]:
     job_id = await start_approved(stack)
-    history = await finish(stack, job_id, WorkflowExecutionStatus.COMPLETED, "completed")
-    expect("poll_prediction" in activity_names(history), "the polling run never polled")
-    return Recorded("completed_polling", history)
+    history, [scene] = await finish(stack, job_id, WorkflowExecutionStatus.COMPLETED, "completed")
+    expect("poll_prediction" in activity_names(scene), "the polling run never polled")
+    return [Recorded("completed_polling", history), Recorded("completed_polling.scene", scene)]
 
 
-async def record_failed(stack: Stack) -> Recorded:
+async def record_failed(stack: Stack) -> list[Recorded]:
     stack.renderer.add_fault("fail", times=1, detail="Recorded failure for the replay tests")
     job_id = await start_approved(stack)
-    history = await finish(stack, job_id, WorkflowExecutionStatus.FAILED, "failed")
+    history, [scene] = await finish(stack, job_id, WorkflowExecutionStatus.FAILED, "failed")
     expect("mark_job_failed" in activity_names(history), "the failed run never marked the job")
-    return Recorded("failed", history)
+    return [Recorded("failed", history), Recorded("failed.scene", scene)]
 
 
-async def record_cancelled(stack: Stack) -> Recorded:
+async def record_cancelled(stack: Stack) -> list[Recorded]:
     # Slow enough that the cancel surely lands while the run is polling the prediction.
     stack.renderer.add_fault("slow_render", times=1, delay=30)
     job_id = await start_approved(stack)
@@ -143,15 +152,15 @@ async def record_cancelled(stack: Stack) -> Recorded:
     await wait_until(f"job {job_id} has a prediction", polling)
     cancelled = await stack.api.post(f"/api/v2/jobs/{job_id}/cancel")
     expect(cancelled.status_code == 202, f"cancel: {cancelled.status_code} {cancelled.text}")
-    history = await finish(stack, job_id, WorkflowExecutionStatus.CANCELED, "cancelled")
+    history, [scene] = await finish(stack, job_id, WorkflowExecutionStatus.CANCELED, "cancelled")
     expect(
-        "cancel_prediction" in activity_names(history),
+        "cancel_prediction" in activity_names(scene),
         "the cancelled run did not cancel its prediction",
     )
-    return Recorded("cancelled", history)
+    return [Recorded("cancelled", history), Recorded("cancelled.scene", scene)]
 
 
-async def record_reviewed(stack: Stack) -> Recorded:
+async def record_reviewed(stack: Stack) -> list[Recorded]:
     job_id = await stack.create_job(stack.sample_scenes(count=2, seconds=1))
     review = await stack.api.post(f"/api/v2/jobs/{job_id}/review")
     expect(review.status_code == 200, f"review: {review.status_code} {review.text}")
@@ -169,9 +178,20 @@ async def record_reviewed(stack: Stack) -> Recorded:
         f"/api/v2/jobs/{job_id}/approve", json={"approved_by": "replay-recorder"}
     )
     expect(approved.status_code == 200, f"approve: {approved.status_code} {approved.text}")
-    history = await finish(stack, job_id, WorkflowExecutionStatus.COMPLETED, "completed")
+    history, _ = await finish(stack, job_id, WorkflowExecutionStatus.COMPLETED, "completed")
     expect("record_approval" in activity_names(history), "the reviewed run skipped the approval")
-    return Recorded("reviewed", history)
+    return [Recorded("reviewed", history)]
+
+
+async def record_per_scene(stack: Stack) -> list[Recorded]:
+    job_id = await start_approved(stack, scenes=2)
+    history, scenes = await finish(
+        stack, job_id, WorkflowExecutionStatus.COMPLETED, "completed", scenes=[1, 2]
+    )
+    expect(
+        activity_names(history).count("stitch_video") == 1, "the per-scene run did not stitch"
+    )
+    return [Recorded("per_scene", history), Recorded("per_scene.scene", scenes[1])]
 
 
 async def record_all(work_dir: Path) -> list[Recorded]:
@@ -182,24 +202,33 @@ async def record_all(work_dir: Path) -> list[Recorded]:
         search_attributes=list(SEARCH_ATTRIBUTES),
     )
     recorded: list[Recorded] = []
-    for name in ("render-server", "webhooks", "polling"):
+    for name in ("render-server", "webhooks", "polling", "scenes"):
         (work_dir / name).mkdir()
     try:
         config = ServerConfig(data_dir=work_dir / "render-server", start_delay=0.2)
         with RunningServer(config) as renderer:
-            # One job store for both stacks: workflow ids (`render-video-{job_id}`) stay unique.
+            # One job store for every stack: workflow ids (`render-video-{job_id}`) stay unique.
             database_url = f"sqlite:///{work_dir / 'jobs.db'}"
             async with running_stack(
                 env, renderer, work_dir / "webhooks", database_url=database_url, webhooks=True
             ) as stack:
-                recorded.append(await record_completed_by_webhook(stack))
-                recorded.append(await record_failed(stack))
+                recorded += await record_completed_by_webhook(stack)
+                recorded += await record_failed(stack)
             async with running_stack(
                 env, renderer, work_dir / "polling", database_url=database_url
             ) as stack:
-                recorded.append(await record_completed_by_polling(stack))
-                recorded.append(await record_cancelled(stack))
-                recorded.append(await record_reviewed(stack))
+                recorded += await record_completed_by_polling(stack)
+                recorded += await record_cancelled(stack)
+                recorded += await record_reviewed(stack)
+            async with running_stack(
+                env,
+                renderer,
+                work_dir / "scenes",
+                database_url=database_url,
+                webhooks=True,
+                replicate_model="local/i2v",
+            ) as stack:
+                recorded += await record_per_scene(stack)
     finally:
         await env.shutdown()
     return recorded

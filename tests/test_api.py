@@ -210,6 +210,8 @@ async def test_approve_refuses_a_job_whose_run_completed_but_whose_row_was_reset
         row = session.get(Job, job_id)
         assert row is not None
         row.status = "ready"
+        row.video_url = None
+        row.actual_cost = None
         session.add(row)
         session.commit()
     response = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")

@@ -47,6 +47,7 @@ async def test_scene_without_image_fails_with_seed_message(stack: Stack) -> None
         "job_id": job["id"],
         "error": "Scene 2 is missing image",
         "workflow_id": f"render-video-{job['id']}",
+        "scenes": [],
     }
 
 
@@ -66,18 +67,36 @@ async def test_aborted_prediction_fails_job(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fault", "expected"), [("truncated", "truncated"), ("not_mp4", "not an MP4")]
+    ("fault", "expected"),
+    [("truncated", "is not a readable video"), ("not_mp4", "not an MP4")],
 )
-async def test_broken_outputs_are_rejected(stack: Stack, fault: str, expected: str) -> None:
-    stack.renderer.add_fault(fault, times=1)
+async def test_a_broken_clip_is_rendered_once_more_then_the_job_fails(
+    stack: Stack, fault: str, expected: str
+) -> None:
+    stack.renderer.add_fault(fault, times=2)
     job = await render_and_wait(stack, stack.sample_scenes(2))
     assert job["status"] == "failed"
     assert expected in job["error_message"]
     assert_user_facing(job["error_message"], stack)
-    assert not Path(stack.settings.data_dir, "videos", str(job["id"]), "final.mp4").exists()
+    # Two takes, both billed and recorded; neither became a video.
+    assert stack.renderer.stats()["creates"] == 2
+    assert [e["take"] for e in stack.store.ledger(job["id"])] == [1, 2]
+    assert job["billed_seconds"] == 4.0
+    assert not stack.settings.video_path(job["id"]).exists()
     served = await stack.api.get(f"/api/videos/{job['id']}/data")
     assert served.status_code == 404
     assert "detail" in served.json()
+
+
+async def test_a_clip_that_fails_its_checks_once_is_retaken_and_both_takes_are_billed(
+    stack: Stack,
+) -> None:
+    stack.renderer.add_fault("truncated", times=1)
+    job = await render_and_wait(stack, stack.sample_scenes(2, seconds=1))
+    assert job["status"] == "completed", job["error_message"]
+    assert stack.renderer.stats()["creates"] == 2
+    # 2 images x $0.003 + (2 s + 2 s billed) x $0.10 = $0.406 -> $0.41
+    assert (job["billed_seconds"], job["duration_seconds"], job["actual_cost"]) == (4.0, 2.0, 0.41)
 
 
 async def test_oversized_video_fails_without_retry(stack: Stack) -> None:
@@ -96,7 +115,8 @@ async def test_rate_limited_create_waits_for_the_reset_it_names(stack: Stack) ->
     job = await render_and_wait(stack, stack.sample_scenes(1))
     assert job["status"] == "completed", job["error_message"]
     assert stack.renderer.stats()["creates"] == 2
-    history = await stack.temporal.get_workflow_handle(f"render-video-{job['id']}").fetch_history()
+    scene_run = f"render-video-{job['id']}-scene-all"
+    history = await stack.temporal.get_workflow_handle(scene_run).fetch_history()
     [scheduled] = [
         e
         for e in history.events

@@ -43,16 +43,17 @@ class Bench:
     # inputs in two tests would meet in its ledger.
     prompt: str = dataclasses.field(default_factory=lambda: f"test {uuid.uuid4().hex}")
 
-    def request(self, job_id: int) -> StartPredictionInput:
-        return StartPredictionInput(
-            job_id=job_id, image_urls=[png_data_url()], durations=[1.0], prompt=self.prompt
-        )
-
     def model_input(self, job_id: int) -> dict[str, Any]:
-        return self.acts.model_input(self.request(job_id))
+        # The slideshow's input: one prediction for a one-scene storyboard.
+        return {"images": [png_data_url()], "durations": [1.0], "prompt": self.prompt}
 
     def digest(self, job_id: int) -> str:
         return self.acts.digest(self.model_input(job_id))
+
+    def request(self, job_id: int) -> StartPredictionInput:
+        return StartPredictionInput(
+            job_id=job_id, model_input=self.model_input(job_id), digest=self.digest(job_id)
+        )
 
     async def start(self, job_id: int, run_id: str = RUN_ID) -> Any:
         env = ActivityEnvironment()
@@ -65,7 +66,10 @@ async def bench(
     request: pytest.FixtureRequest, renderer: RunningServer, tmp_path: Path
 ) -> AsyncIterator[Bench]:
     settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, data_dir=tmp_path, replicate_base_url=renderer.base_url
+        _env_file=None,
+        data_dir=tmp_path,
+        replicate_base_url=renderer.base_url,
+        replicate_model="local/slideshow",
     )
     if request.param == "sqlite":
         store = JobStore(make_engine(f"sqlite:///{tmp_path / 'jobs.db'}"))
@@ -303,6 +307,8 @@ async def eventually(predicate: Any, within: float = 30.0) -> None:
 
 async def test_cost_over_the_budget_is_recorded_and_flagged(bench: Bench) -> None:
     job_id = bench.store.create(max_cost=Decimal("0.50"))
+    # The provider billed 10 s of video for it (the seed's example: 5 images and 10 s).
+    bench.store.record_scene(job_id, [1], "rendered", billed_seconds=Decimal(10))
     record = await bench.env.run(
         bench.jobs.record_cost,
         RecordCostInput(job_id=job_id, image_count=5, duration_seconds=10.0, max_cost="0.50"),

@@ -32,7 +32,6 @@ from backend.profiles import (
 )
 from backend.settings import Settings
 from backend.storyboard import Storyboard
-from workflows.payloads import StartPredictionInput
 
 IMAGE = "https://img.example/scene.png"
 PER_SCENE = [profile for profile in BUILTIN_PROFILES if profile.per_scene]
@@ -106,26 +105,24 @@ def test_slideshow_storyboard_input_validates_and_joins_prompts() -> None:
         scene_input(slideshow, image_url=IMAGE, prompt=None, scene_seconds=2)
 
 
-def test_slideshow_input_and_digest_match_todays_activity() -> None:
-    # The ledger matches predictions by digest: rows written before profiles must still match.
-    legacy = PredictionActivities(None, None, settings())  # type: ignore[arg-type]
+def test_slideshow_input_and_its_digest_match_the_ledgers() -> None:
+    # The ledger matches predictions found at the provider by this digest: the activities'
+    # and the profiles' must agree, for every input a profile builds.
+    ledger = PredictionActivities(None, None, settings(replicate_model="local/slideshow"))  # type: ignore[arg-type]
     board = Storyboard.parse(
         [
             {"image_url": "https://a/1.png", "prompt": "one", "duration_seconds": 1.5},
             {"image_url": "https://a/2.png", "prompt": "two"},
         ]
     )
-    today = legacy.model_input(
-        StartPredictionInput(
-            job_id=1,
-            image_urls=["https://a/1.png", "https://a/2.png"],
-            durations=[1.5, 2.0],
-            prompt="one / two",
-        )
-    )
     slideshow = profile("local/slideshow")
-    assert storyboard_input(slideshow, board.scenes) == today
-    assert input_digest(slideshow, today) == legacy.digest(today)
+    built = storyboard_input(slideshow, board.scenes)
+    assert built == {
+        "images": ["https://a/1.png", "https://a/2.png"],
+        "durations": [1.5, 2.0],
+        "prompt": "one / two",
+    }
+    assert input_digest(slideshow, built) == ledger.digest(built)
 
 
 def test_digest_is_canonical_and_ignores_the_version() -> None:

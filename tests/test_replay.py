@@ -27,7 +27,8 @@ with workflow.unsafe.imports_passed_through():
     import pytest
 
     from activities.jobs import JobActivities
-    from workflows.payloads import JobRef, RenderVideoInput, RenderVideoResult
+    from workflows.payloads import RenderPlanInput, RenderVideoInput, RenderVideoResult
+    from workflows.render_scene import SCENE_WORKFLOW, RenderScene
     from workflows.render_video import WORKFLOW_NAME, RenderVideo
 
 HISTORIES_DIR = Path(__file__).parent / "histories"
@@ -41,24 +42,42 @@ class SavedRun:
     # Something only this kind of run does: a mixed-up file cannot pass for another.
     activity: str | None = None
     signal: str | None = None
+    # The job's run, or one of its scenes' runs.
+    workflow_type: str = WORKFLOW_NAME
 
 
+COMPLETED = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
 SAVED_RUNS = [
+    SavedRun("completed", COMPLETED, activity="stitch_video"),
     SavedRun(
-        "completed", EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED, signal="prediction_finished"
+        "completed.scene", COMPLETED, signal="prediction_finished", workflow_type=SCENE_WORKFLOW
     ),
+    SavedRun("completed_polling", COMPLETED, activity="publish_video"),
     SavedRun(
-        "completed_polling",
-        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+        "completed_polling.scene",
+        COMPLETED,
         activity="poll_prediction",
+        workflow_type=SCENE_WORKFLOW,
     ),
-    SavedRun(
-        "reviewed", EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED, activity="record_approval"
-    ),
+    SavedRun("reviewed", COMPLETED, activity="record_approval"),
     SavedRun("failed", EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED, activity="mark_job_failed"),
     SavedRun(
-        "cancelled", EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED, activity="cancel_prediction"
+        "failed.scene",
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+        activity="record_scene",
+        workflow_type=SCENE_WORKFLOW,
     ),
+    SavedRun(
+        "cancelled", EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED, activity="mark_job_failed"
+    ),
+    SavedRun(
+        "cancelled.scene",
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
+        activity="cancel_prediction",
+        workflow_type=SCENE_WORKFLOW,
+    ),
+    SavedRun("per_scene", COMPLETED, activity="stitch_video"),
+    SavedRun("per_scene.scene", COMPLETED, activity="check_clip", workflow_type=SCENE_WORKFLOW),
 ]
 
 
@@ -87,7 +106,7 @@ def signal_names(history: WorkflowHistory) -> list[str]:
 
 def test_every_saved_history_is_replayed() -> None:
     # A history added by the recorder but missing from SAVED_RUNS would never be checked.
-    on_disk = {path.stem for path in HISTORIES_DIR.glob("*.json")}
+    on_disk = {path.name.removesuffix(".json") for path in HISTORIES_DIR.glob("*.json")}
     assert on_disk == {run.name for run in SAVED_RUNS}
 
 
@@ -95,7 +114,9 @@ def test_every_saved_history_is_replayed() -> None:
 def test_saved_history_is_the_kind_it_claims(run: SavedRun) -> None:
     history = load_history(run.name)
     first, last = history.events[0], history.events[-1]
-    assert first.workflow_execution_started_event_attributes.workflow_type.name == WORKFLOW_NAME
+    assert first.workflow_execution_started_event_attributes.workflow_type.name == (
+        run.workflow_type
+    )
     assert EventType.Name(last.event_type) == EventType.Name(run.closed_as)
     if run.activity:
         assert run.activity in activity_names(history)
@@ -107,7 +128,7 @@ def test_saved_history_is_the_kind_it_claims(run: SavedRun) -> None:
 async def test_saved_history_replays_on_current_code(run: SavedRun) -> None:
     history = load_history(run.name)
     try:
-        await Replayer(workflows=[RenderVideo]).replay_workflow(history)
+        await Replayer(workflows=[RenderVideo, RenderScene]).replay_workflow(history)
     except NondeterminismError as err:
         pytest.fail(
             f"{run.name}.json no longer replays: runs open on the old code would break ({err}). "
@@ -118,7 +139,7 @@ async def test_saved_history_replays_on_current_code(run: SavedRun) -> None:
 
 @workflow.defn(name=WORKFLOW_NAME)
 class ReorderedRenderVideo(RenderVideo):
-    """RenderVideo as a careless edit would leave it: the images are extracted first, before
+    """RenderVideo as a careless edit would leave it: the scenes are planned first, before
     the stage update and the validation every recorded run began with. The rest is the real
     workflow, so any history of it must now fail to replay."""
 
@@ -128,8 +149,8 @@ class ReorderedRenderVideo(RenderVideo):
 
     async def _render(self, input: RenderVideoInput) -> RenderVideoResult:
         await workflow.execute_activity_method(
-            JobActivities.extract_images,
-            JobRef(input.job_id),
+            JobActivities.plan_render,
+            RenderPlanInput(job_id=input.job_id),
             start_to_close_timeout=timedelta(seconds=30),
         )
         return await super()._render(input)

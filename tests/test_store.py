@@ -85,7 +85,8 @@ def test_render_lifecycle_columns(store: JobStore) -> None:
     store.mark_rendering(job_id, "render-video-x")
     store.progress(job_id, "downloading", "Downloading", scenes_total=2)
     assert store.record_prediction(store.record_intent(job_id, "run-1", "d"), "pred-1", "created")
-    store.set_download_retries(job_id, 2)
+    store.note_download_retries(job_id, 2)
+    store.note_download_retries(job_id, 1)  # the most any download needed
     store.complete(job_id, video_url="/api/videos/1/data", actual_cost=Decimal("1.02"))
     job = store.get(job_id)
     assert job["status"] == "completed"
@@ -94,6 +95,10 @@ def test_render_lifecycle_columns(store: JobStore) -> None:
     assert job["download_retries"] == 2
     assert job["workflow_id"] == "render-video-x"
     assert job["progress"]["scenes_completed"] == 2
+    # A completed job may change: back to ready, its video still served meanwhile.
+    changed = store.set_storyboard(job_id, SCENES)
+    assert (changed["status"], changed["video_url"]) == ("ready", "/api/videos/1/data")
+    store.mark_rendering(job_id, "render-video-x")
     with pytest.raises(JobConflict):
         store.set_storyboard(job_id, SCENES)
 

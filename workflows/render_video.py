@@ -313,18 +313,23 @@ class RenderVideo:
 
         self._stage("rendering", f"Rendering {len(pending)} of {plan.scenes_total} scenes")
         tasks = [asyncio.ensure_future(render(unit)) for unit in pending]
+        failed: list[BaseException] = []
         try:
-            await workflow.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            finished, _ = await workflow.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [
+                error
+                for task in tasks
+                if task in finished and (error := task.exception()) is not None
+            ]
         finally:
             # A scene failed, or the job is being cancelled: stop the others, and wait until
-            # each has cancelled its prediction.
+            # each has cancelled its prediction (their own outcomes say nothing new).
             for task in tasks:
                 if not task.done():
                     task.cancel()
-            await workflow.wait(tasks)
-        for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if failed:
+            raise failed[0]  # the scene that failed first (in storyboard order if together)
         return done
 
     async def _await_approval(self, input: RenderVideoInput) -> None:
