@@ -651,39 +651,35 @@ class JobStore:
     ) -> None:
         """A scene's render moved on. A billed take adds its seconds to the scene and the job
         (shared evenly by the scenes one whole-storyboard prediction covers)."""
-        with Session(self.engine) as session:
-            job = session.get(Job, job_id, with_for_update=True)
-            if job is None:
-                raise JobNotFound(job_id)
-            rows = session.exec(
-                select(SceneRecord).where(
-                    SceneRecord.job_id == job_id,
-                    SceneRecord.number.in_(list(covers)),  # type: ignore[attr-defined]
-                )
-            ).all()
-            for row in rows:
-                row.status = status
-                row.prediction_id = prediction_id or row.prediction_id
-                row.clip = clip if status == "completed" else row.clip
-                row.error = error
-                if billed_seconds:
-                    row.billed_seconds = Decimal(row.billed_seconds or 0) + billed_seconds / len(
-                        rows
-                    )
-                row.updated_at = _now()
-                session.add(row)
+        covered = list(covers)
+        changes: dict[str, Any] = {"status": status, "error": error, "updated_at": _now()}
+        if prediction_id:
+            changes["prediction_id"] = prediction_id
+        if status == "completed":
+            changes["clip"] = clip
+        if billed_seconds:
+            # Added in the database, not read and written back: scenes finish together.
+            share = billed_seconds / len(covered)
+            changes["billed_seconds"] = _SCENES.c.billed_seconds + share
+        with self.engine.begin() as conn:
+            conn.execute(
+                _SCENES.update()
+                .where(_SCENES.c.job_id == job_id, _SCENES.c.number.in_(covered))
+                .values(**changes)
+            )
+            job: dict[str, Any] = {"updated_at": _now()}
             if billed_seconds:
-                job.billed_seconds = Decimal(job.billed_seconds or 0) + billed_seconds
+                job["billed_seconds"] = func.coalesce(_JOBS.c.billed_seconds, 0) + billed_seconds
             if status == "completed":
-                # Counted after the change above (the query flushes it first).
-                job.scenes_completed = session.exec(
-                    select(func.count()).where(  # type: ignore[arg-type]
-                        SceneRecord.job_id == job_id, SceneRecord.status == "completed"
-                    )
-                ).one()
-            job.updated_at = _now()
-            session.add(job)
-            session.commit()
+                job["scenes_completed"] = (
+                    sa_select(func.count())
+                    .select_from(_SCENES)
+                    .where(_SCENES.c.job_id == job_id, _SCENES.c.status == "completed")
+                    .scalar_subquery()
+                )
+            updated = conn.execute(_JOBS.update().where(_JOBS.c.id == job_id).values(**job))
+            if updated.rowcount == 0:
+                raise JobNotFound(job_id)
 
     # -- the prediction ledger --
 

@@ -19,6 +19,7 @@ BENCHES = {
     "rendering": "The local slideshow render against the ffmpeg command line",
     "api": "GET /api/v2/jobs/{id} under load against a bare FastAPI endpoint",
     "stitching": "Stitching scene clips against the ffmpeg command line",
+    "scenes": "Per-scene rendering: parallel scenes, held-down creates, edits",
 }
 
 

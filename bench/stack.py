@@ -118,6 +118,7 @@ def product_stack(
     task_queue: str = "render-video",
     metrics: bool = False,
     extra_env: dict[str, str] | None = None,
+    render_args: list[str] | None = None,
 ) -> Iterator[Stack]:
     """Starts the API, the render server and the worker as `render-video dev` does, each in its
     own process with its log in `dir`."""
@@ -179,6 +180,7 @@ def product_stack(
                     str(min_processing),
                     # the benchmarks read /_admin/stats and queue faults
                     "--admin",
+                    *(render_args or []),
                 ],
                 stack.render_port,
             ),

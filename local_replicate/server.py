@@ -465,6 +465,12 @@ def _admin_routes(app: FastAPI, engine: Engine) -> None:
     async def stats() -> Response:
         return JSONResponse(engine.stats())
 
+    @app.get("/_admin/predictions/{prediction_id}")
+    async def prediction_record(prediction_id: str, request: Request) -> Response:
+        """A prediction as the server keeps it, with what the API does not show (the
+        Cancel-After deadline)."""
+        return JSONResponse(_lookup(request, prediction_id).to_record())
+
     @app.post("/_admin/reset")
     async def reset() -> Response:
         await engine.reset()

@@ -74,6 +74,13 @@ class RunningServer(UvicornThread):
         result: dict[str, Any] = resp.json()
         return result
 
+    def prediction(self, prediction_id: str) -> dict[str, Any]:
+        """A prediction's record: model, input, status, and the Cancel-After `deadline`."""
+        resp = httpx.get(f"{self.base_url}/_admin/predictions/{prediction_id}")
+        resp.raise_for_status()
+        result: dict[str, Any] = resp.json()
+        return result
+
     def reset(self) -> None:
         httpx.post(f"{self.base_url}/_admin/reset").raise_for_status()
 

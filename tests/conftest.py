@@ -57,7 +57,11 @@ async def skipping_env() -> AsyncIterator[WorkflowEnvironment]:
 @pytest.fixture(scope="session")
 def render_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     config = ServerConfig(
-        data_dir=tmp_path_factory.mktemp("render-server"), start_delay=0.2, render_workers=2
+        data_dir=tmp_path_factory.mktemp("render-server"),
+        start_delay=0.2,
+        render_workers=2,
+        # Image-to-video clips at 180p: the pipeline's logic is the same, the renders quicker.
+        clip_max_height=180,
     )
     with RunningServer(config) as server:
         yield server

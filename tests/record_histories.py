@@ -188,9 +188,7 @@ async def record_per_scene(stack: Stack) -> list[Recorded]:
     history, scenes = await finish(
         stack, job_id, WorkflowExecutionStatus.COMPLETED, "completed", scenes=[1, 2]
     )
-    expect(
-        activity_names(history).count("stitch_video") == 1, "the per-scene run did not stitch"
-    )
+    expect(activity_names(history).count("stitch_video") == 1, "the per-scene run did not stitch")
     return [Recorded("per_scene", history), Recorded("per_scene.scene", scenes[1])]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -124,3 +125,18 @@ async def running_stack(
                 return
             async with running_worker(env.client, settings):
                 yield stack
+
+
+async def eventually(check: Any, within: float = 30.0, what: str = "condition") -> Any:
+    """Re-checks `check` (sync or async) until it returns something truthy, and returns that."""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                value = check()
+                if asyncio.iscoroutine(value):
+                    value = await value
+                if value:
+                    return value
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {within:g} s waiting for {what}") from None

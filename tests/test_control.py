@@ -16,7 +16,7 @@ from typing import Any
 
 import av
 import pytest
-from support import Stack, running_stack
+from support import Stack, eventually, running_stack
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError
@@ -101,21 +101,6 @@ async def webhook_signals(stack: Stack, job_id: int) -> list[str]:
         return await signals(stack, job_id, scene=0)
     except RPCError:
         return []  # no scene run was ever started
-
-
-async def eventually(check: Any, within: float = 30.0, what: str = "condition") -> Any:
-    """Re-checks `check` (sync or async) until it returns something truthy."""
-    try:
-        async with asyncio.timeout(within):
-            while True:
-                value = check()
-                if asyncio.iscoroutine(value):
-                    value = await value
-                if value:
-                    return value
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def progress_of(stack: Stack, job_id: int) -> RenderProgress:

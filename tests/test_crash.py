@@ -75,6 +75,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
         DATA_DIR=str(settings.data_dir),
         REPLICATE_BASE_URL=settings.provider_base_url,
         POLL_INTERVAL_SECONDS=str(settings.poll_interval_seconds),
+        REPLICATE_MODEL=settings.replicate_model,
+        RECONCILE_INTERVAL_SECONDS=str(settings.reconcile_interval_seconds),
         PYTHONUNBUFFERED="1",
     )
     if settings.public_base_url:
@@ -263,7 +265,9 @@ async def wait_result(stack: Stack, job_id: int, within: float) -> RenderVideoRe
 
 
 def partial_files(stack: Stack, job_id: int) -> list[Path]:
-    return sorted(stack.settings.video_dir(job_id).glob(".download-*.part"))
+    """Downloads under way, or left by a worker that died mid-download."""
+    folder = stack.settings.scenes_dir(job_id)
+    return sorted(folder.glob(".*.part")) if folder.is_dir() else []
 
 
 def prediction_status(stack: Stack, prediction_id: str | None) -> str | None:
@@ -310,7 +314,10 @@ def assert_clean_video(stack: Stack, job_id: int, seconds: float) -> None:
     """final.mp4 is a whole, decodable H.264 file, and no partial download is left."""
     assert partial_files(stack, job_id) == []
     folder = stack.settings.video_dir(job_id)
-    assert sorted(path.name for path in folder.iterdir()) == ["final.mp4"]
+    assert sorted(path.name for path in folder.iterdir()) == ["final.mp4", "scenes"]
+    # Only verified clips are kept: nothing partial, unverified or half-stitched.
+    clips = sorted(path.name for path in stack.settings.scenes_dir(job_id).iterdir())
+    assert clips and not any(name.startswith(".") for name in clips), clips
     with av.open(str(folder / "final.mp4")) as container:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264"
@@ -553,6 +560,59 @@ async def test_worker_killed_while_verifying_goes_on_within_seconds(
             result = await wait_result(stack, job_id, within=120)
             await assert_db_agrees_with_temporal(stack, job_id, result)
             assert_clean_video(stack, job_id, seconds=60.0)
+        finally:
+            pool.stop_all()
+
+
+async def test_worker_killed_during_a_six_scene_render_completes_with_six_predictions(
+    temporal_env: WorkflowEnvironment,
+    renderer: RunningServer,
+    tmp_path: Path,
+    jobs_db: str,
+) -> None:
+    """Six scenes rendered at once on an image-to-video model; the worker is killed at a
+    random point while they render (creates going, predictions running, clips downloading)."""
+    rng = crash_rng("six-scenes")
+    async with running_stack(
+        temporal_env,
+        renderer,
+        tmp_path,
+        worker=False,
+        database_url=jobs_db,
+        webhooks=True,
+        replicate_model="local/i2v",
+    ) as stack:
+        pool = Workers(stack.settings, tmp_path)
+        try:
+            stack.renderer.add_fault("slow_render", times=6, delay=3.0)
+            first = await pool.start()
+            scenes = stack.sample_scenes(count=6, seconds=1.0)
+            for number, scene in enumerate(scenes, start=1):
+                scene["prompt"] = f"scene {number}"
+            job_id = await approve(stack, scenes)
+            await wait_until(
+                lambda: stack.renderer.stats()["creates"] >= 1, 60, "the first create"
+            )
+            kill_after = rng.uniform(0.0, 4.0)
+            print(f"killing the worker {kill_after:.2f} s after the first create")
+            await asyncio.sleep(kill_after)
+            first.kill()
+
+            await pool.start()
+            await assert_moves_within(stack, job_id, time.time())
+            result = await wait_result(stack, job_id, within=180)
+            job = await assert_db_agrees_with_temporal(stack, job_id, result)
+            stats = stack.renderer.stats()
+            assert stats["creates"] == 6, stats
+            assert set(stats["predictions"].values()) == {"succeeded"}, stats
+            assert stats["cancels"] == 0, stats
+            # One ledger entry per scene, each holding that scene's one prediction.
+            ledger = stack.store.ledger(job_id)
+            assert sorted(row["scene"] for row in ledger) == [1, 2, 3, 4, 5, 6]
+            assert {row["state"] for row in ledger} <= {"created", "adopted"}
+            assert {row["prediction_id"] for row in ledger} == set(stats["predictions"])
+            assert [s["status"] for s in job["scenes"]] == ["completed"] * 6
+            assert_clean_video(stack, job_id, seconds=6.0)
         finally:
             pool.stop_all()
 

@@ -191,9 +191,9 @@ class RenderVideo:
         clips = {unit.number: unit.clip for unit in plan.units if unit.clip}
         self._progress.scenes_completed = sum(len(u.covers) for u in plan.units if u.clip)
         pending = [unit for unit in plan.units if unit.clip is None]
-        if pending:
-            for result in await self._render_scenes(input, plan, pending):
-                clips[result.number] = result.clip
+        rendered = await self._render_scenes(input, plan, pending) if pending else []
+        for result in rendered:
+            clips[result.number] = result.clip
 
         self._stage("stitching", f"Joining {len(plan.units)} clips")
         stitched = await workflow.execute_activity_method(
@@ -234,6 +234,8 @@ class RenderVideo:
             video_url=cost.video_url,
             actual_cost=cost.actual_cost,
             duration_seconds=video.duration_seconds,
+            # A whole-storyboard model's one prediction (per scene, the job's scenes say).
+            prediction_id=rendered[0].prediction_id if len(plan.units) == 1 and rendered else None,
             over_budget=cost.over_budget,
         )
 
