@@ -590,9 +590,7 @@ async def test_worker_killed_during_a_six_scene_render_completes_with_six_predic
             for number, scene in enumerate(scenes, start=1):
                 scene["prompt"] = f"scene {number}"
             job_id = await approve(stack, scenes)
-            await wait_until(
-                lambda: stack.renderer.stats()["creates"] >= 1, 60, "the first create"
-            )
+            await wait_until(lambda: stack.renderer.stats()["creates"] >= 1, 60, "the first create")
             kill_after = rng.uniform(0.0, 4.0)
             print(f"killing the worker {kill_after:.2f} s after the first create")
             await asyncio.sleep(kill_after)
