@@ -334,14 +334,21 @@ def _bar(fraction: float, label: str, width: int = 30) -> str:
 STAGE_FRACTION = {
     "queued": 0.02,
     "validating": 0.05,
-    "extracting": 0.1,
-    "starting": 0.15,
-    "rendering": 0.3,
-    "rendered": 0.7,
-    "downloading": 0.8,
-    "verifying": 0.9,
+    "planned": 0.1,
+    "stitching": 0.9,
+    "verifying": 0.95,
     "completed": 1.0,
 }
+
+
+def _fraction(progress: dict[str, Any]) -> float:
+    """How far a render is: the scenes rendered carry it from 10% to 85%."""
+    stage = progress.get("current_stage", "queued")
+    if stage in STAGE_FRACTION:
+        return STAGE_FRACTION[stage]
+    total = progress.get("scenes_total") or 0
+    done = progress.get("scenes_completed") or 0
+    return 0.1 + 0.75 * (done / total if total else 0)
 
 
 def run_demo(settings: Settings, stack: Stack | None = None, timeout: float = 300) -> int:
@@ -369,8 +376,7 @@ def run_demo(settings: Settings, stack: Stack | None = None, timeout: float = 30
             )
             return 1
         progress = status.get("progress") or {}
-        stage = progress.get("current_stage", "queued")
-        sys.stdout.write(_bar(STAGE_FRACTION.get(stage, 0.3), progress.get("message", "")))
+        sys.stdout.write(_bar(_fraction(progress), progress.get("message", "")))
         sys.stdout.flush()
         time.sleep(0.25)
     if status.get("status") != "completed":
