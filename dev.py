@@ -27,14 +27,29 @@ BIN = VENV / "bin"
 STAMP = VENV / ".installed-from"
 
 
-def ensure_venv() -> None:
+# What each command needs beyond the runtime: the demo and the dev stack need nothing more,
+# so a first `demo` installs no test or benchmark tools.
+EXTRAS = {"demo": (), "dev": (), "test": ("test",), "bench": ("test", "bench")}
+
+
+def ensure_venv(extras: tuple[str, ...]) -> None:
+    """Creates .venv and installs the project with `extras`, unless pyproject.toml is unchanged
+    since an install that had them all (the stamp records what was installed)."""
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == digest:
-        return
+    installed: set[str] = set()
+    if STAMP.exists():
+        recorded_digest, _, recorded = STAMP.read_text().partition(" ")
+        if recorded_digest == digest:
+            installed = {name for name in recorded.split(",") if name}
+            if set(extras) <= installed:
+                return
+    wanted = sorted(installed | set(extras))
     if not (BIN / "python").exists():
         print("Creating .venv ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    print("Installing the project and its test tools into .venv ...", flush=True)
+    what = f" and its {', '.join(wanted)} tools" if wanted else ""
+    print(f"Installing the project{what} into .venv ...", flush=True)
+    target = f"{ROOT}[{','.join(wanted)}]" if wanted else str(ROOT)
     subprocess.run(
         [
             str(BIN / "python"),
@@ -44,11 +59,11 @@ def ensure_venv() -> None:
             "--quiet",
             "--disable-pip-version-check",
             "-e",
-            f"{ROOT}[test,bench]",
+            target,
         ],
         check=True,
     )
-    STAMP.write_text(digest)
+    STAMP.write_text(f"{digest} {','.join(wanted)}")
 
 
 def ensure_postgres() -> None:
@@ -75,7 +90,7 @@ def main() -> int:
     if command not in {"demo", "test", "dev", "bench"}:
         print(__doc__)
         return 2
-    ensure_venv()
+    ensure_venv(EXTRAS[command])
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     os.chdir(ROOT)
     if command == "test":

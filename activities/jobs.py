@@ -164,6 +164,7 @@ class JobActivities:
             billed_seconds=Decimal(input.billed_seconds) if input.billed_seconds else None,
             clip=input.clip,
             error=input.error,
+            prediction_status=input.prediction_status,
         )
 
     def _check_output_writable(self, job_id: int) -> None:

@@ -6,16 +6,12 @@ import asyncio
 import os
 import threading
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import av
-import httpcore
 import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -23,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 from activities.common import fatal, heartbeating, in_thread, short_reason
 from backend import media
 from backend.database import JobStore
+from backend.downloads import DownloadError, VideoGone, VideoTooLarge, stream_to_file
 from backend.planning import clip_name
 from backend.provider import ProviderClient
 from backend.settings import Settings
@@ -227,65 +224,22 @@ class MediaActivities:
             stop.set()
 
     async def _stream_to(self, url: str, headers: dict[str, str], path: Path, limit: int) -> int:
-        too_big = f"Video is larger than the {limit}-byte limit (MAX_VIDEO_BYTES)"
-        size = 0
+        """The download, in an activity's terms: a gone or oversized video cannot be mended
+        by trying again; a failed transfer can."""
         try:
-            async with self.http.stream("GET", url, headers=headers) as response:
-                if response.status_code in (404, 410):
-                    raise fatal(
-                        f"The video is gone from the provider (HTTP {response.status_code})",
-                        "VideoGone",
-                    )
-                if response.status_code >= 400:
-                    raise ApplicationError(
-                        f"Video download failed: HTTP {response.status_code}",
-                        type="DownloadFailed",
-                    )
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise fatal(too_big, "VideoTooLarge")
-                loop = asyncio.get_running_loop()
-                # One write in flight on a thread of its own while the next chunk arrives:
-                # receiving and writing overlap, and the event loop never waits on the disk.
-                # The last chunks stay referenced here so that they are freed on this thread,
-                # where they were allocated: freed by the writer, the heap kept shrinking and
-                # growing again (~35k page faults a GiB, a fifth slower; bench/download.py).
-                writing: asyncio.Future[None] | None = None
-                recent: deque[list[bytes]] = deque(maxlen=3)
-                batch: list[bytes] = []
-                batched = 0
-                with ThreadPoolExecutor(1, "download") as writer, path.open("wb") as out:
-                    try:
-                        async with aclosing(_body(response)) as chunks:
-                            async for chunk in chunks:
-                                size += len(chunk)
-                                if size > limit:
-                                    raise fatal(too_big, "VideoTooLarge")
-                                batch.append(chunk)
-                                batched += len(chunk)
-                                # A socket read is often far smaller than CHUNK: a hand-over
-                                # to the writer per read would cost more than the write.
-                                if batched < CHUNK:
-                                    continue
-                                if writing is not None:
-                                    # Shielded: a cancel must not leave a write running unseen.
-                                    await asyncio.shield(writing)
-                                recent.append(batch)
-                                writing = loop.run_in_executor(writer, out.writelines, batch)
-                                batch, batched = [], 0
-                                activity.heartbeat(size)
-                        if writing is not None:
-                            await asyncio.shield(writing)
-                        out.writelines(batch)
-                    finally:
-                        if writing is not None and not writing.done():
-                            # A thread cannot be stopped: the file closes once it is done.
-                            await asyncio.wait({writing})
-        except httpx.HTTPError as exc:
-            raise ApplicationError(
-                f"Video download failed ({short_reason(exc)})", type="DownloadFailed"
-            ) from exc
-        return size
+            return await stream_to_file(
+                self.http,
+                url,
+                path,
+                headers=headers,
+                limit=limit,
+                on_progress=activity.heartbeat,
+            )
+        except (VideoGone, VideoTooLarge) as exc:
+            kind = "VideoGone" if isinstance(exc, VideoGone) else "VideoTooLarge"
+            raise fatal(str(exc), kind) from exc
+        except DownloadError as exc:
+            raise ApplicationError(str(exc), type="DownloadFailed") from exc
 
     @activity.defn
     async def verify_video(self, input: VerifyVideoInput) -> VideoInfo:
@@ -309,55 +263,6 @@ def _scene_name(number: int) -> str:
 
 class ActivityCancelled(Exception):
     """Raised inside a PyAV call on a thread when its activity was cancelled."""
-
-
-async def _body(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The response body in chunks of up to CHUNK bytes.
-
-    A plain HTTP/1.x body of known length is read straight off the connection httpx hands
-    back (its documented `network_stream` extension): httpx's own iteration takes it 64 KiB at
-    a time through h11, copying it several times over, which held a 1 GiB download to a third
-    of curl's speed (bench/download.py). Anything else (chunked, compressed, HTTP/2) takes
-    httpx's iteration.
-    """
-    chunks = response.aiter_bytes()
-    connection = response.extensions.get("network_stream")
-    declared = response.headers.get("content-length", "")
-    if not (
-        isinstance(connection, httpcore.AsyncNetworkStream)
-        and response.http_version in ("HTTP/1.0", "HTTP/1.1")
-        and declared.isdigit()
-        and "transfer-encoding" not in response.headers
-        and response.headers.get("content-encoding", "identity") == "identity"
-    ):
-        async for chunk in chunks:
-            yield chunk
-        return
-    remaining = int(declared)
-    timeout = response.request.extensions.get("timeout", {}).get("read")
-    try:
-        # h11 read the first bytes of the body with the headers, and its first chunk hands
-        # over all it holds; from there on the connection carries only the rest of the body.
-        async for chunk in chunks:
-            remaining -= len(chunk)
-            yield chunk
-            break
-        while remaining > 0:
-            try:
-                data = await connection.read(min(remaining, CHUNK), timeout=timeout)
-            except httpcore.TimeoutException as exc:
-                raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
-            except httpcore.NetworkError as exc:
-                raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
-            if not data:
-                raise httpx.RemoteProtocolError(
-                    f"the server closed the connection {remaining} bytes short"
-                )
-            remaining -= len(data)
-            yield data
-    finally:
-        # h11 never saw this body end, so httpcore closes the connection instead of pooling it.
-        await chunks.aclose()
 
 
 class InvalidVideo(ValueError):

@@ -238,6 +238,7 @@ class PredictionActivities:
             self.provider.get(input.prediction_id),
             refused=f"Could not read prediction {input.prediction_id}",
         )
+        await in_thread(self.store.note_prediction_status, input.job_id, input.scene, state.status)
         return _outcome(state)
 
     @activity.defn
@@ -246,6 +247,7 @@ class PredictionActivities:
             self.provider.get(input.prediction_id),
             refused=f"Could not read prediction {input.prediction_id}",
         )
+        await in_thread(self.store.note_prediction_status, input.job_id, input.scene, state.status)
         if not state.terminal:
             what = f"Scene {input.scene}" if input.scene else "The video"
             await in_thread(

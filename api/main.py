@@ -12,6 +12,7 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from api.errors import install_error_handlers
 from api.limits import BodyLimit
@@ -52,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             gc.unfreeze()
 
-    app = FastAPI(
+    # The docs' Swagger UI and ReDoc assets are served by the API itself (fastapi-offline), so
+    # /docs works with no network, as everything else here does.
+    app = FastAPIOffline(
         title="Storyboard video renderer",
         version="2.0",
         lifespan=lifespan,

@@ -138,6 +138,10 @@ class SceneView(BaseModel):
     number: int
     status: Literal["pending", "rendering", "rendered", "completed", "failed", "cancelled"]
     prediction_id: str | None
+    prediction_status: str | None = Field(
+        description="What the provider said of the prediction last (starting, processing, "
+        "succeeded, failed, canceled, aborted)"
+    )
     billed_seconds: float = Field(description="Seconds the provider billed for it, all takes")
     error: str | None
 
@@ -205,6 +209,8 @@ JobView = Annotated[PendingJob | CompletedJob | ClosedJob, Field(discriminator="
 
 class Health(BaseModel):
     status: Literal["ok"]
+    # Tells this API apart from whatever else might answer on its port.
+    service: Literal["storyboard-video-renderer"] = "storyboard-video-renderer"
 
 
 class WebhookRelayed(BaseModel):

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 from temporalio.client import Client
+from temporalio.common import QueryRejectCondition
 
 from backend.auth import KeyStore
 from backend.database import ACTIVE, JobNotFound, JobStore
@@ -35,8 +36,14 @@ async def live_progress(client: Client, job: dict[str, Any]) -> dict[str, Any] |
     try:
         # rpc_timeout bounds one attempt; the client retries a refused connection for up
         # to 10 s, so the whole call gets the bound too.
+        # A closed run still answers queries (from its history): only an open one is live.
         progress = await asyncio.wait_for(
-            handle.query(RenderVideo.progress, rpc_timeout=QUERY_TIMEOUT), QUERY_TIMEOUT.seconds
+            handle.query(
+                RenderVideo.progress,
+                rpc_timeout=QUERY_TIMEOUT,
+                reject_condition=QueryRejectCondition.NOT_OPEN,
+            ),
+            QUERY_TIMEOUT.seconds,
         )
     except Exception as exc:  # noqa: BLE001 - a read must not fail because Temporal is slow
         log.debug("progress query for job %s failed: %s", job["id"], exc)

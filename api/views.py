@@ -85,6 +85,7 @@ def _scenes(job: dict[str, Any]) -> list[SceneView]:
             number=scene["number"],
             status=scene["status"],
             prediction_id=scene["prediction_id"],
+            prediction_status=scene["prediction_status"],
             billed_seconds=scene["billed_seconds"],
             error=scene["error"],
         )

@@ -387,16 +387,46 @@ def run_demo(settings: Settings, stack: Stack | None = None, timeout: float = 30
     print(f"Video: {path}")
     print(f"Served at: {base}{status['video_url']}")
     print(f"Cost: ${status['actual_cost']:.2f}")
+    show = f"{temporal_binary()} workflow show -w {started['workflow_id']} --detailed"
     if stack is not None:
-        print("The demo stopped its stack; run `python3 dev.py dev` to look at the run")
-    print(
-        f"Inspect the run: {temporal_binary()} workflow show -w {started['workflow_id']} --detailed"
-    )
+        # The history outlives the stack (DATA_DIR/temporal.db), but the CLI and the Web UI
+        # need the Temporal server running to show it.
+        print(
+            "The demo has stopped its stack. To look at the run, start it again with "
+            f"`python3 dev.py dev` (the Web UI is then at "
+            f"http://127.0.0.1:{settings.temporal_ui_port}), and in another terminal: {show}"
+        )
+    else:
+        print(f"Inspect the run: {show}")
     return 0
+
+
+def _ours(base: str) -> str | None:
+    """None when our API answers at `base`; otherwise what does answer, in words."""
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return f"something that answers HTTP {exc.code} to /healthz"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"something that does not speak our HTTP API ({type(exc).__name__})"
+    if isinstance(body, dict) and body.get("service") == "storyboard-video-renderer":
+        return None
+    return "another service (its /healthz is not ours)"
 
 
 def cmd_demo(settings: Settings) -> int:
     if _port_open(settings.api_host, settings.api_port):
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        other = _ours(base)
+        if other is not None:
+            print(
+                f"Port {settings.api_port} on {settings.api_host} is held by {other}. Stop it, "
+                "or run the demo on another port: API_PORT=8010 python3 dev.py demo",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"Using the stack already running at {base}", flush=True)
         return run_demo(settings)
     print("Starting the local stack for the demo (logs in DATA_DIR/logs)...", flush=True)
     with running_stack(settings, quiet=True) as stack:

@@ -115,6 +115,8 @@ class SceneRecord(SQLModel, table=True):
     # pending -> rendering -> completed | failed | cancelled
     status: str = Field(default="pending", max_length=16)
     prediction_id: str | None = Field(default=None, max_length=128)
+    # What the provider said of that prediction last (starting, processing, succeeded, ...).
+    prediction_status: str | None = Field(default=None, max_length=16)
     # Seconds the provider billed for this scene, over every take of every run.
     billed_seconds: Decimal = Field(
         default=Decimal(0), sa_column=Column(Numeric(12, 3), nullable=False, server_default="0")
@@ -648,6 +650,7 @@ class JobStore:
         billed_seconds: Decimal | None = None,
         clip: str | None = None,
         error: str | None = None,
+        prediction_status: str | None = None,
     ) -> None:
         """A scene's render moved on. A billed take adds its seconds to the scene and the job
         (shared evenly by the scenes one whole-storyboard prediction covers)."""
@@ -655,6 +658,8 @@ class JobStore:
         changes: dict[str, Any] = {"status": status, "error": error, "updated_at": _now()}
         if prediction_id:
             changes["prediction_id"] = prediction_id
+        if prediction_status:
+            changes["prediction_status"] = prediction_status
         if status == "completed":
             changes["clip"] = clip
         if billed_seconds:
@@ -680,6 +685,15 @@ class JobStore:
             updated = conn.execute(_JOBS.update().where(_JOBS.c.id == job_id).values(**job))
             if updated.rowcount == 0:
                 raise JobNotFound(job_id)
+
+    def note_prediction_status(self, job_id: int, scene: int, status: str) -> None:
+        """What the provider says of a scene's prediction now (scene 0: a whole-storyboard
+        prediction, which every scene shares)."""
+        query = _SCENES.update().where(_SCENES.c.job_id == job_id)
+        if scene:
+            query = query.where(_SCENES.c.number == scene)
+        with self.engine.begin() as conn:
+            conn.execute(query.values(prediction_status=status, updated_at=_now()))
 
     # -- the prediction ledger --
 
@@ -926,6 +940,7 @@ def _scene_dict(row: SceneRecord | Row[Any]) -> dict[str, Any]:
         "digest": row.digest,
         "status": row.status,
         "prediction_id": row.prediction_id,
+        "prediction_status": row.prediction_status,
         "billed_seconds": float(row.billed_seconds or 0),
         "clip": row.clip,
         "error": row.error,

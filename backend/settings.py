@@ -16,10 +16,27 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 LOCAL_TOKEN = "local-render-server"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+def _checkout() -> Path | None:
+    """The source checkout this code runs from, if it does (not an installed wheel)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
 
-    data_dir: Path = Path("./DATA")
+
+# Defaults belong to the project, not to wherever a script happens to be started: a seed-style
+# script run from another directory must open the same job store and videos as the stack.
+CHECKOUT = _checkout()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=CHECKOUT / ".env" if CHECKOUT else ".env", extra="ignore"
+    )
+
+    # Default: DATA in the checkout; an installed copy (the container image) must be told.
+    data_dir: Path = Field(
+        default_factory=lambda: _default_data_dir(),
+        description="Videos, the default SQLite job store, logs; default: DATA in the checkout",
+    )
     database_url: str | None = Field(
         default=None, description="Any SQLAlchemy URL; default: SQLite file under DATA_DIR"
     )
@@ -205,3 +222,12 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def _default_data_dir() -> Path:
+    if CHECKOUT is None:
+        raise ValueError(
+            "DATA_DIR is not set, and this is an installed copy of the renderer with no "
+            "checkout to keep its data in: set DATA_DIR to a writable directory"
+        )
+    return CHECKOUT / "DATA"

@@ -82,8 +82,6 @@ class RenderProgress:
     message: str
     scenes_total: int = 0
     scenes_completed: int = 0
-    prediction_id: str | None = None
-    prediction_status: str | None = None
     estimated_cost: str | None = None
     max_cost: str | None = None
     awaiting_approval: bool = False
@@ -344,6 +342,8 @@ class RecordSceneInput:
     status: str
     covers: list[int] = field(default_factory=list)
     prediction_id: str | None = None
+    # What the provider said of the prediction last.
+    prediction_status: str | None = None
     # A take the provider billed: its seconds, added to the job's spend.
     billed_seconds: str | None = None
     clip: str | None = None

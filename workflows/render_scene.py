@@ -140,7 +140,11 @@ class RenderScene:
             self._progress.prediction_id = prediction.prediction_id
             self._progress.prediction_status = prediction.status
             self._progress.take = take
-            await self._record("rendering", prediction_id=prediction.prediction_id)
+            await self._record(
+                "rendering",
+                prediction_id=prediction.prediction_id,
+                prediction_status=prediction.status,
+            )
 
             outcome = await self._wait_for_prediction(input, prediction, started_at)
             self._progress.prediction_status = outcome.status
@@ -151,7 +155,10 @@ class RenderScene:
                 raise RenderFailed(f"Prediction {outcome.prediction_id} {outcome.status}: {reason}")
             # The provider charged for this take, whatever becomes of its clip.
             await self._record(
-                "rendered", prediction_id=outcome.prediction_id, billed=plan.billed_seconds
+                "rendered",
+                prediction_id=outcome.prediction_id,
+                prediction_status=outcome.status,
+                billed=plan.billed_seconds,
             )
             if not outcome.output_url:
                 raise RenderFailed(
@@ -325,6 +332,7 @@ class RenderScene:
         status: str,
         *,
         prediction_id: str | None = None,
+        prediction_status: str | None = None,
         billed: str | None = None,
         clip: str | None = None,
         error: str | None = None,
@@ -337,6 +345,7 @@ class RenderScene:
                 covers=self._input.plan.covers,
                 status=status,
                 prediction_id=prediction_id,
+                prediction_status=prediction_status,
                 billed_seconds=billed,
                 clip=clip,
                 error=error,
