@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities import all_activities
+from activities.callbacks import callback_client
 from backend.database import JobStore, make_engine
 from backend.orchestration import (
     connect,
@@ -24,6 +25,7 @@ from backend.orchestration import (
 )
 from backend.provider import ProviderClient
 from backend.settings import Settings, get_settings
+from workflows.deliver_event import DeliverJobEvent
 from workflows.reconcile import ReconcileJobs
 from workflows.render_scene import RenderScene
 from workflows.render_video import RenderVideo
@@ -54,13 +56,15 @@ async def running_worker(client: Client, settings: Settings) -> AsyncIterator[Wo
     stay under the provider's limit on creates.
     """
     store = JobStore(make_engine(settings.resolved_database_url))
-    async with download_client() as http:
-        activities = all_activities(store, ProviderClient(settings), settings, http, client)
+    async with download_client() as http, callback_client() as callbacks:
+        activities = all_activities(
+            store, ProviderClient(settings), settings, http, client, callbacks
+        )
         creates = [fn for fn in activities if fn.__name__ == "start_prediction"]
         worker = Worker(
             client,
             task_queue=settings.task_queue,
-            workflows=[RenderVideo, RenderScene, ReconcileJobs],
+            workflows=[RenderVideo, RenderScene, ReconcileJobs, DeliverJobEvent],
             activities=[fn for fn in activities if fn not in creates],
             **worker_options(settings),
         )

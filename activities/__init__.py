@@ -1,5 +1,5 @@
 """The activities, one class per concern: `jobs` (the job store), `predictions` (the provider,
-through the ledger), `media` (the job's files)."""
+through the ledger), `media` (the job's files), `callbacks` (telling the caller)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from activities.callbacks import CallbackActivities, callback_client
 from activities.jobs import JobActivities
 from activities.media import MediaActivities
 from activities.predictions import PredictionActivities
@@ -23,10 +24,13 @@ def all_activities(
     settings: Settings,
     http: httpx.AsyncClient,
     temporal: Client | None = None,
+    callbacks: httpx.AsyncClient | None = None,
 ) -> list[Callable[..., Any]]:
-    """Every activity, for registering on a worker."""
+    """Every activity, for registering on a worker (`callbacks`: the client that calls the
+    callers' endpoints, which follows no redirects)."""
     return [
         *JobActivities(store, settings, temporal).all(),
         *PredictionActivities(store, provider, settings).all(),
         *MediaActivities(store, provider, settings, http).all(),
+        *CallbackActivities(store, settings, callbacks or callback_client()).all(),
     ]

@@ -91,6 +91,7 @@ class JobActivities:
         # What the job will have cost: its images, and every second billed for it so far or
         # about to be.
         estimate = billed_cost(self.profile, len(storyboard.scenes), spent + renders, self.settings)
+        await self._check_spend_cap(job, estimate)
         job = await in_thread(self.store.set_estimate, input.job_id, estimate)
         max_cost = job["max_cost"]
         return StoryboardSummary(
@@ -101,6 +102,25 @@ class JobActivities:
             renders=len(planned),
             billed_seconds=str(renders),
         )
+
+    async def _check_spend_cap(self, job: dict[str, Any], estimate: Decimal) -> None:
+        """A tenant's spend cap, checked before any prediction is created: what its jobs cost
+        in the period, and what those going now are estimated to, plus this one."""
+        tenant = await in_thread(self.store.tenant, job["tenant"])
+        cap = tenant["spend_cap"] or self.settings.tenant_spend_cap
+        if cap is None:
+            return
+        days = self.settings.tenant_spend_period_days
+        since = datetime.now(UTC) - timedelta(days=days)
+        spent = await in_thread(self.store.spent_since, job["tenant"], since)
+        own = Decimal(str(job["actual_cost"] or 0)) if job["status"] == "completed" else 0
+        if spent - own + estimate > Decimal(cap):
+            raise fatal(
+                f"Tenant {job['tenant']}'s spend cap of ${Decimal(cap):.2f} per {days:g} days "
+                f"would be exceeded: ${spent - own:.2f} spent or committed, and this job is "
+                f"estimated at ${estimate}; no prediction was created",
+                "StoryboardInvalid",
+            )
 
     def _plan(self, job_id: int, storyboard: Storyboard, rerender: bool) -> list[ScenePlan]:
         scenes = self.settings.scenes_dir(job_id)

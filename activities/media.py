@@ -20,7 +20,7 @@ from activities.common import fatal, heartbeating, in_thread, short_reason
 from backend import media
 from backend.database import JobStore
 from backend.downloads import DownloadError, VideoGone, VideoTooLarge, stream_to_file
-from backend.planning import clip_name
+from backend.planning import POSTER, PREVIEW, clip_name, thumbnail_name
 from backend.provider import ProviderClient
 from backend.settings import Settings
 from workflows.payloads import (
@@ -28,6 +28,8 @@ from workflows.payloads import (
     ClipChecked,
     DownloadClipInput,
     DownloadedVideo,
+    PreviewsInput,
+    PreviewsMade,
     PublishVideoInput,
     StitchedVideo,
     StitchInput,
@@ -75,6 +77,7 @@ class MediaActivities:
             self.stitch_video,
             self.verify_video,
             self.publish_video,
+            self.make_previews,
         ]
 
     @activity.defn
@@ -208,6 +211,36 @@ class MediaActivities:
                 f"Could not publish the video ({short_reason(exc)})", type="StorageError"
             ) from exc
         return DownloadedVideo(path=final.name, size_bytes=size, attempt=1)
+
+    @activity.defn
+    async def make_previews(self, input: PreviewsInput) -> PreviewsMade:
+        """The published video's poster (a representative frame, not a black first one), a
+        short preview of at most 360p and about 1 MB, and a thumbnail per scene. Each is
+        written beside its place and renamed into it, so a reader never gets half a file."""
+        folder = self.settings.video_dir(input.job_id)
+        video = self.settings.video_path(input.job_id)
+        scenes = self.settings.scenes_dir(input.job_id)
+        made: list[tuple[Path, Path]] = []
+        try:
+            poster = folder / f".poster-{uuid.uuid4().hex}.jpg"
+            made.append((poster, folder / POSTER))
+            await self._blocking(media.poster, video, poster)
+            preview = folder / f".preview-{uuid.uuid4().hex}.mp4"
+            made.append((preview, folder / PREVIEW))
+            await self._blocking(media.preview, video, preview)
+            for number, clip in input.clips:
+                thumb = scenes / f".thumb-{number}-{uuid.uuid4().hex}.jpg"
+                made.append((thumb, scenes / thumbnail_name(number)))
+                await heartbeating(asyncio.to_thread(media.thumbnail, scenes / clip, thumb))
+            for source, target in made:
+                os.replace(source, target)
+        except (media.MediaError, OSError) as exc:
+            raise fatal(f"Could not make the poster and preview ({exc})", "InvalidVideo") from exc
+        finally:
+            for source, _ in made:
+                source.unlink(missing_ok=True)
+        await in_thread(self.store.set_media_ready, input.job_id, True)
+        return PreviewsMade(poster=POSTER, preview=PREVIEW, thumbnails=len(input.clips))
 
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A long PyAV call on a thread, heartbeating meanwhile; a cancel of the activity stops

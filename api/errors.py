@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.database import JobConflict, JobNotFound
-from backend.orchestration import TemporalUnavailable
+from backend.orchestration import TemporalUnavailable, TenantAtCapacity
 from backend.storyboard import StoryboardError
 
 log = logging.getLogger("api")
@@ -85,6 +85,11 @@ def _described(error: FieldError) -> str:
     return f"{where}: {error.msg}" if where else error.msg
 
 
+def invalid_field(loc: tuple[str, ...], message: str) -> RequestValidationError:
+    """A 422 about one field, for checks a route makes itself (the same shape as pydantic's)."""
+    return RequestValidationError([{"loc": loc, "msg": message, "type": "value_error"}])
+
+
 def validation_errors(exc: RequestValidationError) -> list[FieldError]:
     errors = []
     for error in exc.errors():
@@ -119,6 +124,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _bad_storyboard(_: Request, exc: StoryboardError) -> JSONResponse:
         return error_response(422, str(exc))
 
+    @app.exception_handler(TenantAtCapacity)
+    async def _tenant_at_capacity(_: Request, exc: TenantAtCapacity) -> JSONResponse:
+        return error_response(429, str(exc), {"Retry-After": "30"})
+
     @app.exception_handler(TemporalUnavailable)
     async def _temporal_down(_: Request, exc: TemporalUnavailable) -> JSONResponse:
         log.warning("%s", exc)
@@ -151,6 +160,8 @@ _DESCRIPTIONS = {
     413: "The request body is larger than MAX_REQUEST_BYTES",
     415: "The body is not JSON (`Content-Type: application/json`)",
     422: "The request is malformed or a value is out of range; `errors` names each field",
+    429: "The tenant has as many jobs going as it may (TENANT_MAX_ACTIVE_JOBS); retry after "
+    "`Retry-After` seconds",
     503: "The job store, Temporal or the provider cannot be reached now; retry after "
     "`Retry-After` seconds",
 }

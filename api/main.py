@@ -17,7 +17,7 @@ from fastapi_offline import FastAPIOffline
 from api.errors import install_error_handlers
 from api.limits import BodyLimit
 from api.reads import JobReads, KeyReads, ProgressCache
-from api.routes import health, jobs, videos, webhooks
+from api.routes import health, jobs, tenant, videos, webhooks
 from api.views import VideoSigner
 from backend.auth import KeyStore, url_signing_key
 from backend.database import JobStore, make_engine
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "`Authorization: Bearer <key>` (`render-video keys create --tenant NAME`).",
     )
     install_error_handlers(app)
-    for module in (jobs, videos, webhooks, health):
+    for module in (jobs, tenant, videos, webhooks, health):
         app.include_router(module.router)
     # Sample scene images for the demo storyboard, public: the render server fetches them.
     samples = resources.files("backend") / "samples"

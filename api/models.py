@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchem
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from backend.callbacks import MAX_URL_LENGTH as MAX_CALLBACK_URL
+from backend.callbacks import check_metadata
 from backend.storyboard import MAX_SCENES, Scene, Storyboard, StoryboardError
 from workflows.payloads import RenderProgress
 
@@ -84,11 +86,45 @@ StoryboardInput = Annotated[
 ]
 
 
+def _metadata(value: Any) -> dict[str, Any] | None:
+    try:
+        return check_metadata(value)
+    except ValueError as exc:
+        raise PydanticCustomError("metadata", "{reason}", {"reason": str(exc)}) from None
+
+
+Metadata = Annotated[
+    dict[str, Any] | None,
+    PlainValidator(_metadata),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "object"}, {"type": "null"}],
+            "description": "Your own JSON object (at most 1 KB as JSON), passed through "
+            "untouched: in every view of the job and in its callback events",
+        },
+        mode="validation",
+    ),
+]
+CallbackUrl = Annotated[
+    str | None,
+    Field(
+        default=None,
+        max_length=MAX_CALLBACK_URL,
+        pattern=r"^https?://[^\s/]+",
+        description="Where the job's end (job.completed, job.failed, job.cancelled, "
+        "job.expired) is sent, signed the Standard Webhooks way; default: the tenant's. A "
+        "private, loopback or link-local address is refused unless ALLOW_PRIVATE_CALLBACKS",
+    ),
+]
+
+
 class CreateJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     storyboard: StoryboardInput | None = None
     max_cost: MaxCost = None
+    callback_url: CallbackUrl = None
+    metadata: Metadata = None
 
 
 class Budget(BaseModel):
@@ -132,6 +168,16 @@ class CancelAnswer(BaseModel):
     workflow_id: str
 
 
+class CallbackAttemptView(BaseModel):
+    event: Literal["completed", "failed", "cancelled", "expired"]
+    webhook_id: str = Field(description="The same for every attempt of one event")
+    attempt: int
+    status_code: int | None = Field(description="What the callback answered; null: no answer")
+    error: str | None
+    delivered: bool
+    at: str
+
+
 class SceneView(BaseModel):
     """One storyboard scene: where its render stands."""
 
@@ -144,6 +190,9 @@ class SceneView(BaseModel):
     )
     billed_seconds: float = Field(description="Seconds the provider billed for it, all takes")
     error: str | None
+    thumbnail_url: str | None = Field(
+        default=None, description="A frame of its clip, once the job's video is made"
+    )
 
 
 class Progress(BaseModel):
@@ -153,58 +202,106 @@ class Progress(BaseModel):
     scenes_completed: int
 
 
-class PendingJob(BaseModel):
+class JobBase(BaseModel):
+    """What every view of a job has."""
+
+    job_id: int
+    workflow_id: str | None
+    created_at: str
+    updated_at: str
+    approved_by: str | None
+    scenes_total: int = Field(description="Scenes in the storyboard")
+    metadata: dict[str, Any] | None = Field(description="Yours, untouched")
+    callback_url: str | None = Field(description="The job's own callback URL, if it has one")
+    scenes: list[SceneView]
+    callbacks: list[CallbackAttemptView] = Field(
+        description="Every attempt to send the job's events to its callback, oldest first"
+    )
+
+
+class PendingJob(JobBase):
     """A job without a result yet: draft, ready, in review or rendering."""
 
     status: Literal["draft", "ready", "in_review", "rendering"]
-    job_id: int
     approved: bool
     progress: Progress
     live: RenderProgress | None = Field(
         description="The run's own answer to its `progress` query; null when no run answers "
-        "within 2 s"
+        "within 2 s, or none is going"
+    )
+    estimated_cost: float | None = Field(
+        description="Dollars, once validated: its images and the seconds it will have billed"
     )
     max_cost: float | SkipJsonSchema[None] = Field(
         default=None, description="Only when the job has a budget"
     )
-    workflow_id: str | None
-    scenes: list[SceneView]
 
 
-class CompletedJob(BaseModel):
+class CompletedJob(JobBase):
     status: Literal["completed"]
-    job_id: int
     video_url: str = Field(description="The MP4; needs the API key, like every other path")
     signed_video_url: str = Field(
         description="The same MP4 through a signed link that expires after "
         "SIGNED_URL_TTL_SECONDS, for a <video> tag, which cannot send a key"
     )
-    actual_cost: float
+    poster_url: str | None = Field(description="A JPEG of a representative frame")
+    preview_url: str | None = Field(description="A short MP4 of at most 360p and about 1 MB")
+    signed_poster_url: str | None
+    signed_preview_url: str | None
+    actual_cost: float = Field(description="Dollars (a number, like every money field)")
     max_cost: float | SkipJsonSchema[None] = Field(
         default=None, description="Only when the job has a budget"
     )
     over_budget: bool | SkipJsonSchema[None] = Field(
         default=None, description="Only when the job has a budget"
     )
-    workflow_id: str | None
     billed_seconds: float = Field(
         description="Seconds of video the provider billed for the job (every take, every run)"
     )
     duration_seconds: float = Field(description="The finished video's length")
-    scenes: list[SceneView]
 
 
-class ClosedJob(BaseModel):
+class ClosedJob(JobBase):
     """A job that ended without a video: failed, cancelled or expired."""
 
     status: Literal["failed", "cancelled", "expired"]
-    job_id: int
     error: str | None
-    workflow_id: str | None
-    scenes: list[SceneView]
 
 
 JobView = Annotated[PendingJob | CompletedJob | ClosedJob, Field(discriminator="status")]
+
+
+class JobPage(BaseModel):
+    """A page of the tenant's jobs, newest first."""
+
+    jobs: list[JobView]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next (older) page; null on the last page"
+    )
+
+
+class TenantView(BaseModel):
+    tenant: str
+    callback_url: str | None = Field(description="For jobs without a callback_url of their own")
+    max_active_jobs: int = Field(description="Jobs it may have rendering or in review at once")
+    spend_cap: float | None = Field(description="Dollars per spend_period_days; null: none")
+    spend_period_days: float
+
+
+class TenantUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    callback_url: CallbackUrl = None
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="whsec_...: verify the job events with it")
+
+
+class RedeliveryStarted(BaseModel):
+    job_id: int
+    event: Literal["completed", "failed", "cancelled", "expired"]
+    webhook_id: str
 
 
 class Health(BaseModel):

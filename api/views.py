@@ -11,6 +11,7 @@ from pydantic import TypeAdapter
 from api.models import ClosedJob, CompletedJob, JobView, PendingJob, Progress, SceneView
 from backend.auth import signed_video_path
 from backend.database import FINISHED, JobStatus
+from backend.planning import POSTER, PREVIEW
 
 
 class VideoSigner:
@@ -20,8 +21,8 @@ class VideoSigner:
         self.secret = secret
         self.ttl = ttl
 
-    def path(self, job_id: int) -> str:
-        return signed_video_path(self.secret, job_id, self.ttl)
+    def path(self, job_id: int, resource: str = "data") -> str:
+        return signed_video_path(self.secret, job_id, self.ttl, resource=resource)
 
 
 _VIEW: TypeAdapter[Any] = TypeAdapter(JobView)
@@ -32,30 +33,40 @@ def job_view(
 ) -> PendingJob | CompletedJob | ClosedJob:
     """Only the keys of the job's state are set: a response leaves the others out."""
     status = job["status"]
+    media = bool(job["media_ready"])
+    common: dict[str, Any] = {
+        "job_id": job["id"],
+        "workflow_id": job["workflow_id"],
+        "created_at": job["created_at"],
+        "updated_at": job["updated_at"],
+        "approved_by": job["approved_by"],
+        "scenes_total": job["progress"]["scenes_total"] or len(job.get("scenes", [])),
+        "metadata": job["metadata"],
+        "callback_url": job["callback_url"],
+        "scenes": _scenes(job, media),
+        "callbacks": job.get("callbacks", []),
+    }
     budget: dict[str, Any] = {}
     if status == JobStatus.COMPLETED:
         if job["max_cost"] is not None:
             budget = {"max_cost": job["max_cost"], "over_budget": job["over_budget"]}
+        job_id = job["id"]
         return CompletedJob(
             status=status,
-            job_id=job["id"],
             video_url=job["video_url"],
-            signed_video_url=signer.path(job["id"]),
+            signed_video_url=signer.path(job_id),
+            poster_url=f"/api/videos/{job_id}/{POSTER}" if media else None,
+            preview_url=f"/api/videos/{job_id}/{PREVIEW}" if media else None,
+            signed_poster_url=signer.path(job_id, POSTER) if media else None,
+            signed_preview_url=signer.path(job_id, PREVIEW) if media else None,
             actual_cost=job["actual_cost"],
-            workflow_id=job["workflow_id"],
             billed_seconds=job["billed_seconds"] or 0.0,
             duration_seconds=job["duration_seconds"] or 0.0,
-            scenes=_scenes(job),
+            **common,
             **budget,
         )
     if status in FINISHED:
-        return ClosedJob(
-            status=status,
-            job_id=job["id"],
-            error=job["error_message"],
-            workflow_id=job["workflow_id"],
-            scenes=_scenes(job),
-        )
+        return ClosedJob(status=status, error=job["error_message"], **common)
     # `progress` keeps the seed's four keys; `live` is the run's whole answer.
     progress = dict(job["progress"])
     if live is not None:
@@ -69,17 +80,16 @@ def job_view(
         budget = {"max_cost": job["max_cost"]}
     return PendingJob(
         status=status,
-        job_id=job["id"],
         approved=job["approved"],
         progress=Progress(**progress),
         live=live,
-        workflow_id=job["workflow_id"],
-        scenes=_scenes(job),
+        estimated_cost=job["estimated_cost"],
+        **common,
         **budget,
     )
 
 
-def _scenes(job: dict[str, Any]) -> list[SceneView]:
+def _scenes(job: dict[str, Any], media: bool) -> list[SceneView]:
     return [
         SceneView(
             number=scene["number"],
@@ -88,6 +98,11 @@ def _scenes(job: dict[str, Any]) -> list[SceneView]:
             prediction_status=scene["prediction_status"],
             billed_seconds=scene["billed_seconds"],
             error=scene["error"],
+            thumbnail_url=(
+                f"/api/videos/{job['id']}/scenes/{scene['number']}/thumbnail.jpg"
+                if media and scene["status"] == "completed"
+                else None
+            ),
         )
         for scene in job.get("scenes", [])
     ]

@@ -161,10 +161,14 @@ def video_signature(secret: bytes, job_id: int, expires: int) -> str:
     return hmac.new(secret, f"{job_id}.{expires}".encode(), hashlib.sha256).hexdigest()
 
 
-def signed_video_path(secret: bytes, job_id: int, ttl: int, now: float | None = None) -> str:
+def signed_video_path(
+    secret: bytes, job_id: int, ttl: int, now: float | None = None, resource: str = "data"
+) -> str:
+    """A signed, expiring link to one of a job's files: the video (`data`), or its poster,
+    preview or a thumbnail (the signature covers the job, so it opens any of them)."""
     expires = int(now if now is not None else time.time()) + ttl
     signature = video_signature(secret, job_id, expires)
-    return f"/api/videos/{job_id}/data?expires={expires}&signature={signature}"
+    return f"/api/videos/{job_id}/{resource}?expires={expires}&signature={signature}"
 
 
 def signature_valid(

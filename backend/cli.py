@@ -17,16 +17,22 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from backend.auth import KeyStore, dev_api_key
-from backend.database import make_engine
+from backend.callbacks import CallbackRefused, check_callback_url
+from backend.database import JobStore, make_engine
 from backend.settings import Settings, get_settings
 
 
 def key_store(settings: Settings) -> KeyStore:
     return KeyStore(make_engine(settings.resolved_database_url))
+
+
+def default_job_store(settings: Settings) -> JobStore:
+    return JobStore(make_engine(settings.resolved_database_url))
 
 
 def local_key(settings: Settings) -> str:
@@ -70,8 +76,21 @@ def temporal_dev_command(
         "JobId=Keyword",
         "--search-attribute",
         "RenderStage=Keyword",
+        *fairness_flags(),
         "--log-level",
         "error",
+    ]
+
+
+def fairness_flags() -> list[str]:
+    """Task queue fairness (each tenant's work is its own fairness key), which Temporal's
+    server leaves off by default; a self-hosted cluster sets the same keys in its dynamic
+    config (deploy/temporal/dynamic-config.yaml)."""
+    return [
+        "--dynamic-config-value",
+        "matching.useNewMatcher=true",
+        "--dynamic-config-value",
+        "matching.enableFairness=true",
     ]
 
 
@@ -198,6 +217,8 @@ class Stack:
             # The local render server reaches our API on loopback, so the dev stack runs
             # with webhooks on, as production should; polling stays the fallback.
             env["PUBLIC_BASE_URL"] = f"http://{settings.api_host}:{settings.api_port}"
+        # A local stack's callers are local too (a listener on this machine).
+        env.setdefault("ALLOW_PRIVATE_CALLBACKS", "true")
         return env
 
     def stop(self) -> None:
@@ -464,6 +485,34 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_tenants(settings: Settings, args: argparse.Namespace) -> int:
+    store = default_job_store(settings)
+    if args.tenants_command == "set":
+        changes: dict[str, Any] = {}
+        if args.callback_url is not None:
+            url = args.callback_url or None
+            if url is not None:
+                try:
+                    check_callback_url(url, allow_private=settings.allow_private_callbacks)
+                except CallbackRefused as exc:
+                    print(exc, file=sys.stderr)
+                    return 2
+            changes["callback_url"] = url
+        if args.max_active_jobs is not None:
+            changes["max_active_jobs"] = args.max_active_jobs or None
+        if args.spend_cap is not None:
+            changes["spend_cap"] = Decimal(str(args.spend_cap)) if args.spend_cap else None
+        store.update_tenant(args.tenant, **changes)
+    row = store.tenant(args.tenant)
+    cap = row["spend_cap"] or settings.tenant_spend_cap
+    print(f"Tenant:            {row['name']}")
+    print(f"Callback URL:      {row['callback_url'] or '(none)'}")
+    print(f"Max active jobs:   {row['max_active_jobs'] or settings.tenant_max_active_jobs}")
+    period = f"per {settings.tenant_spend_period_days:g} days"
+    print(f"Spend cap:         {f'${cap} {period}' if cap else '(none)'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="render-video", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -477,11 +526,26 @@ def main(argv: list[str] | None = None) -> int:
     keys_sub.add_parser("list", help="every key: id, tenant, label, created, revoked")
     revoke = keys_sub.add_parser("revoke", help="refuse a key from the next request on")
     revoke.add_argument("key_id")
+    tenants = sub.add_parser("tenants", help="show or set a tenant's callback URL and caps")
+    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
+    show = tenants_sub.add_parser("show", help="a tenant's settings")
+    show.add_argument("tenant")
+    set_ = tenants_sub.add_parser("set", help="change a tenant's settings")
+    set_.add_argument("tenant")
+    set_.add_argument("--callback-url", help="default callback for its jobs ('' clears it)")
+    set_.add_argument(
+        "--max-active-jobs", type=int, help="jobs going at once (0: TENANT_MAX_ACTIVE_JOBS)"
+    )
+    set_.add_argument(
+        "--spend-cap", type=float, help="dollars per TENANT_SPEND_PERIOD_DAYS (0: the setting)"
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.command == "keys":
         return cmd_keys(settings, args)
+    if args.command == "tenants":
+        return cmd_tenants(settings, args)
     if args.command == "dev":
         return cmd_dev(settings)
     try:

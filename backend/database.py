@@ -7,7 +7,10 @@ the old renderer; they use the engine configured by `Settings`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+import base64
+import json
+import secrets
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Boolean,
     Column,
     Index,
@@ -25,7 +29,9 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    and_,
     bindparam,
+    cast,
     event,
     false,
     inspect,
@@ -33,6 +39,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine, Row, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
@@ -96,11 +103,53 @@ class Job(SQLModel, table=True):
     duration_seconds: float | None = None
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
+    # Where the caller hears that the job ended (job.completed, ...); None: the tenant's default.
+    callback_url: str | None = Field(default=None, max_length=2048)
+    # The caller's own JSON object (at most 1 KB), passed through untouched.
+    job_metadata: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # The poster, preview and scene thumbnails of the current video exist.
+    media_ready: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
     # The tenant of the API key that created the job: no other tenant can see or change it.
     tenant: str = Field(
         default=DEFAULT_TENANT,
         sa_column=Column(String(64), nullable=False, server_default=text(f"'{DEFAULT_TENANT}'")),
     )
+
+
+class Tenant(SQLModel, table=True):
+    """What a tenant set for itself, and the secret its callbacks are signed with. A row is
+    made the first time a tenant needs one."""
+
+    __tablename__ = "tenants"
+
+    name: str = Field(primary_key=True, max_length=64)
+    # whsec_...: Standard Webhooks' secret for the job events sent to the tenant's callbacks.
+    webhook_secret: str = Field(max_length=200)
+    # Jobs without a callback_url of their own call this one.
+    callback_url: str | None = Field(default=None, max_length=2048)
+    # Overrides of the settings' caps (None: the setting's value).
+    max_active_jobs: int | None = None
+    spend_cap: Decimal | None = Field(default=None, sa_column=Column(Numeric(12, 2)))
+    created_at: datetime = Field(default_factory=_now)
+
+
+class CallbackAttempt(SQLModel, table=True):
+    """One delivery attempt of a job event to the caller's callback URL."""
+
+    __tablename__ = "callback_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(index=True)
+    event: str = Field(max_length=32)
+    # The same for every attempt (and redelivery) of one event: receivers deduplicate on it.
+    webhook_id: str = Field(max_length=100)
+    attempt: int
+    status_code: int | None = None
+    error: str | None = Field(default=None, max_length=500)
+    delivered: bool = False
+    at: datetime = Field(default_factory=_now)
 
 
 class SceneRecord(SQLModel, table=True):
@@ -309,6 +358,9 @@ def job_to_dict(job: Job | Row[Any]) -> dict[str, Any]:
         "over_budget": bool(job.over_budget),
         "approved_by": job.approved_by,
         "billed_seconds": float(job.billed_seconds) if job.billed_seconds is not None else None,
+        "callback_url": job.callback_url,
+        "metadata": job.job_metadata,
+        "media_ready": bool(job.media_ready),
         "duration_seconds": job.duration_seconds,
         "created_at": _utc_iso(job.created_at),
         "updated_at": _utc_iso(job.updated_at),
@@ -320,6 +372,12 @@ _JOBS = Job.__table__  # type: ignore[attr-defined]
 _GET_JOB = sa_select(_JOBS).where(_JOBS.c.id == bindparam("job_id"))
 _GET_JOBS = sa_select(_JOBS).where(_JOBS.c.id.in_(bindparam("job_ids", expanding=True)))
 _SCENES = SceneRecord.__table__  # type: ignore[attr-defined]
+_CALLBACKS = CallbackAttempt.__table__  # type: ignore[attr-defined]
+_GET_CALLBACKS = (
+    sa_select(_CALLBACKS)
+    .where(_CALLBACKS.c.job_id.in_(bindparam("job_ids", expanding=True)))
+    .order_by(_CALLBACKS.c.id)
+)
 _GET_SCENES = (
     sa_select(_SCENES)
     .where(_SCENES.c.job_id.in_(bindparam("job_ids", expanding=True)))
@@ -349,8 +407,12 @@ class JobStore:
         *,
         max_cost: Decimal | None = None,
         tenant: str = DEFAULT_TENANT,
+        callback_url: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> int:
-        job = Job(max_cost=max_cost, tenant=tenant)
+        job = Job(
+            max_cost=max_cost, tenant=tenant, callback_url=callback_url, job_metadata=metadata
+        )
         if storyboard is not None:
             job.storyboard_data = Storyboard.parse(storyboard).to_json()
             job.status = JobStatus.READY
@@ -371,21 +433,13 @@ class JobStore:
             row = conn.execute(_GET_JOB, {"job_id": job_id}).first()
             if row is None:
                 raise JobNotFound(job_id)
-            scenes = conn.execute(_GET_SCENES, {"job_ids": [job_id]}).all()
-        job = job_to_dict(row)
-        job["scenes"] = [_scene_dict(scene) for scene in scenes]
-        return job
+            return _with_details(conn, [row])[0]
 
     def get_many(self, job_ids: Collection[int]) -> dict[int, dict[str, Any]]:
         """The jobs among `job_ids` that exist, by id, with their scenes, in two queries."""
         with self.engine.connect() as conn:
             rows = conn.execute(_GET_JOBS, {"job_ids": list(job_ids)}).all()
-            scenes = conn.execute(_GET_SCENES, {"job_ids": list(job_ids)}).all()
-        jobs = {row.id: job_to_dict(row) | {"scenes": []} for row in rows}
-        for scene in scenes:
-            if scene.job_id in jobs:
-                jobs[scene.job_id]["scenes"].append(_scene_dict(scene))
-        return jobs
+            return {job["id"]: job for job in _with_details(conn, rows)}
 
     def set_storyboard(self, job_id: int, storyboard: Any) -> dict[str, Any]:
         parsed = Storyboard.parse(storyboard)
@@ -605,6 +659,121 @@ class JobStore:
             job.current_stage = status
             job.progress_message = message
 
+    # -- tenants, callbacks, listing --
+
+    def tenant(self, name: str) -> dict[str, Any]:
+        """The tenant's row, made (with a fresh webhook secret) the first time it is needed."""
+        with Session(self.engine) as session:
+            row = session.get(Tenant, name)
+            if row is None:
+                session.add(Tenant(name=name, webhook_secret=new_webhook_secret()))
+                _commit_unless_duplicate(session)  # made at once elsewhere: that one stands
+                row = session.get(Tenant, name)
+            assert row is not None
+            return row.model_dump()
+
+    def update_tenant(self, name: str, **changes: Any) -> dict[str, Any]:
+        """Changes a tenant's own settings (callback_url, max_active_jobs, spend_cap) or its
+        webhook secret (`webhook_secret=new_webhook_secret()` rotates it)."""
+        self.tenant(name)
+        with Session(self.engine) as session:
+            row = session.get(Tenant, name, with_for_update=True)
+            assert row is not None
+            for field, value in changes.items():
+                setattr(row, field, value)
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+            return row.model_dump()
+
+    def active_jobs_of(self, tenant: str, *, besides: int | None = None) -> int:
+        """How many of the tenant's jobs have a run going (rendering or in review)."""
+        query = (
+            sa_select(func.count())
+            .select_from(_JOBS)
+            .where(_JOBS.c.tenant == tenant, _JOBS.c.status.in_([s.value for s in ACTIVE]))
+        )
+        if besides is not None:
+            query = query.where(_JOBS.c.id != besides)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def spent_since(self, tenant: str, since: datetime) -> Decimal:
+        """What the tenant's jobs cost that completed since `since`, and what the ones going
+        now are estimated to cost."""
+        completed = sa_select(func.coalesce(func.sum(_JOBS.c.actual_cost), 0)).where(
+            _JOBS.c.tenant == tenant,
+            _JOBS.c.status == JobStatus.COMPLETED,
+            _JOBS.c.updated_at >= since,
+        )
+        going = sa_select(func.coalesce(func.sum(_JOBS.c.estimated_cost), 0)).where(
+            _JOBS.c.tenant == tenant, _JOBS.c.status == JobStatus.RENDERING
+        )
+        with self.engine.connect() as conn:
+            return Decimal(str(conn.execute(completed).scalar_one())) + Decimal(
+                str(conn.execute(going).scalar_one())
+            )
+
+    def record_callback_attempt(
+        self,
+        job_id: int,
+        event: str,
+        webhook_id: str,
+        attempt: int,
+        *,
+        status_code: int | None,
+        error: str | None,
+        delivered: bool,
+    ) -> None:
+        with Session(self.engine) as session:
+            session.add(
+                CallbackAttempt(
+                    job_id=job_id,
+                    event=event,
+                    webhook_id=webhook_id,
+                    attempt=attempt,
+                    status_code=status_code,
+                    error=error[:500] if error else None,
+                    delivered=delivered,
+                )
+            )
+            session.commit()
+
+    def list_jobs(
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        after: tuple[str, int] | None = None,
+        status: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        metadata_key: str | None = None,
+        metadata_value: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The tenant's jobs, newest first, after the (created_at, id) of the last one seen:
+        keyset pages, so jobs created meanwhile never shift a later page."""
+        query = sa_select(_JOBS).where(_JOBS.c.tenant == tenant)
+        if status is not None:
+            query = query.where(_JOBS.c.status == status)
+        if created_after is not None:
+            query = query.where(_JOBS.c.created_at >= created_after)
+        if created_before is not None:
+            query = query.where(_JOBS.c.created_at < created_before)
+        if metadata_key is not None:
+            query = query.where(_has_metadata(self.engine, metadata_key, metadata_value))
+        if after is not None:
+            stamp = datetime.fromisoformat(after[0])
+            query = query.where(
+                or_(
+                    _JOBS.c.created_at < stamp,
+                    and_(_JOBS.c.created_at == stamp, _JOBS.c.id < after[1]),
+                )
+            )
+        query = query.order_by(_JOBS.c.created_at.desc(), _JOBS.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return _with_details(conn, conn.execute(query).all())
+
     # -- scenes --
 
     def scenes(self, job_id: int) -> list[dict[str, Any]]:
@@ -685,6 +854,11 @@ class JobStore:
             updated = conn.execute(_JOBS.update().where(_JOBS.c.id == job_id).values(**job))
             if updated.rowcount == 0:
                 raise JobNotFound(job_id)
+
+    def set_media_ready(self, job_id: int, ready: bool) -> None:
+        """The poster, preview and thumbnails of the job's current video exist (or not)."""
+        with self.engine.begin() as conn:
+            conn.execute(_JOBS.update().where(_JOBS.c.id == job_id).values(media_ready=ready))
 
     def note_prediction_status(self, job_id: int, scene: int, status: str) -> None:
         """What the provider says of a scene's prediction now (scene 0: a whole-storyboard
@@ -932,6 +1106,49 @@ class JobStore:
     def seen_webhook(self, webhook_id: str, prediction_id: str) -> bool:
         with Session(self.engine) as session:
             return session.get(WebhookReceipt, (webhook_id, prediction_id)) is not None
+
+
+def _with_details(conn: Any, rows: Sequence[Row[Any]]) -> list[dict[str, Any]]:
+    """Jobs as dicts with their scenes and callback attempts, read in two more queries."""
+    jobs = [job_to_dict(row) | {"scenes": [], "callbacks": []} for row in rows]
+    if not jobs:
+        return jobs
+    by_id = {job["id"]: job for job in jobs}
+    ids = {"job_ids": list(by_id)}
+    for scene in conn.execute(_GET_SCENES, ids):
+        by_id[scene.job_id]["scenes"].append(_scene_dict(scene))
+    for attempt in conn.execute(_GET_CALLBACKS, ids):
+        by_id[attempt.job_id]["callbacks"].append(
+            {
+                "event": attempt.event,
+                "webhook_id": attempt.webhook_id,
+                "attempt": attempt.attempt,
+                "status_code": attempt.status_code,
+                "error": attempt.error,
+                "delivered": attempt.delivered,
+                "at": _utc_iso(attempt.at),
+            }
+        )
+    return jobs
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: whsec_ and 24 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def _has_metadata(engine: Engine, key: str, value: str | None) -> Any:
+    """A filter on a key of the job's metadata: present, or (value given) equal to it as text."""
+    column = _JOBS.c.job_metadata
+    if engine.dialect.name == "postgresql":
+        document = cast(column, JSONB)
+        if value is None:
+            return document.has_key(key)
+        return document[key].astext == value
+    path = "$." + json.dumps(key)  # a quoted key: any characters are taken as they are
+    if value is None:
+        return func.json_type(column, path).isnot(None)
+    return cast(func.json_extract(column, path), String) == value
 
 
 def _scene_dict(row: SceneRecord | Row[Any]) -> dict[str, Any]:

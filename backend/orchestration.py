@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -27,6 +28,7 @@ from temporalio.client import (
     WorkflowHandle,
 )
 from temporalio.common import (
+    Priority,
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
@@ -40,12 +42,15 @@ from backend.database import ACTIVE, FINISHED, JobConflict, JobStatus, JobStore
 from backend.provider import ProviderClient
 from backend.reconcile import repair_job
 from backend.settings import Settings
+from workflows.deliver_event import DeliverJobEvent
 from workflows.payloads import (
     ApproveSignal,
+    DeliverEventInput,
     ReconcileInput,
     RenderVideoInput,
     RenderVideoResult,
     ReviewSignal,
+    webhook_id_for,
     workflow_id_for,
 )
 from workflows.reconcile import ReconcileJobs
@@ -56,6 +61,10 @@ log = logging.getLogger(__name__)
 
 class TemporalUnavailable(RuntimeError):
     """Temporal could not be reached or refused the call; nothing was started."""
+
+
+class TenantAtCapacity(RuntimeError):
+    """The tenant has as many jobs going as it may; nothing was started."""
 
 
 async def connect(
@@ -106,7 +115,12 @@ async def ensure_search_attributes(client: Client, settings: Settings) -> None:
 
 
 def render_input(
-    settings: Settings, job_id: int, *, review: bool = False, rerender: bool = False
+    settings: Settings,
+    job_id: int,
+    *,
+    review: bool = False,
+    rerender: bool = False,
+    notify: bool = False,
 ) -> RenderVideoInput:
     return RenderVideoInput(
         job_id=job_id,
@@ -118,6 +132,8 @@ def render_input(
         scene_concurrency=settings.scene_concurrency,
         rerender=rerender,
         create_task_queue=settings.create_task_queue,
+        notify=notify,
+        callback_retry_initial_seconds=settings.callback_retry_initial_seconds,
     )
 
 
@@ -148,6 +164,15 @@ async def start_render(
     if review and job["status"] == JobStatus.RENDERING:
         raise JobConflict(f"Job {job_id} is already rendering; it is past review")
     previous = job["status"], job["workflow_id"], job["approved"]
+    tenant = await asyncio.to_thread(store.tenant, job["tenant"])
+    if job["status"] not in ACTIVE:
+        cap = tenant["max_active_jobs"] or settings.tenant_max_active_jobs
+        going = await asyncio.to_thread(store.active_jobs_of, job["tenant"], besides=job_id)
+        if going >= cap:
+            raise TenantAtCapacity(
+                f"Tenant {job['tenant']} has {going} jobs rendering or in review, its cap; "
+                "approve this one once one of them ends"
+            )
     # Marked before the start so a run that ends at once cannot be overwritten afterwards.
     marked = await asyncio.to_thread(
         store.mark_rendering, job_id, workflow_id, review=review, again=rerender
@@ -172,11 +197,20 @@ async def start_render(
         "static_details": f"Job {job_id}: `GET /api/v2/jobs/{job_id}` on the API",
         "start_signal": signal[0],
         "start_signal_args": [signal[1]],
+        # Task queue fairness: one tenant's backlog does not hold back another's work (the
+        # scene runs and activities inherit it).
+        "priority": Priority(fairness_key=job["tenant"]),
     }
     try:
         await _start(
             client,
-            render_input(settings, job_id, review=review, rerender=rerender),
+            render_input(
+                settings,
+                job_id,
+                review=review,
+                rerender=rerender,
+                notify=bool(job["callback_url"] or tenant["callback_url"]),
+            ),
             job_id,
             options,
         )
@@ -298,6 +332,44 @@ async def ensure_reconcile_schedule(client: Client, settings: Settings) -> None:
         pass
     except RPCError as exc:
         log.warning("Could not create the reconcile schedule %s: %s", schedule_id, exc)
+
+
+async def redeliver_event(
+    client: Client, store: JobStore, settings: Settings, job: dict[str, Any]
+) -> dict[str, str]:
+    """Sends a finished job's event to its callback again, under the webhook-id it was first
+    sent with (a new one only if it was never sent)."""
+    job_id = job["id"]
+    if job["status"] not in FINISHED:
+        raise JobConflict(f"Job {job_id} is {job['status']}: it has not ended, so no event yet")
+    tenant = await asyncio.to_thread(store.tenant, job["tenant"])
+    if not (job["callback_url"] or tenant["callback_url"]):
+        raise JobConflict(
+            f"Job {job_id} has no callback URL: set the tenant's (PUT /api/v2/tenant), or give "
+            "jobs a callback_url when they are created"
+        )
+    event = str(job["status"])
+    sent = [a["webhook_id"] for a in job.get("callbacks", []) if a["event"] == event]
+    webhook_id = sent[-1] if sent else webhook_id_for(job_id, event, uuid.uuid4().hex)
+    try:
+        await client.start_workflow(
+            DeliverJobEvent.run,
+            DeliverEventInput(
+                job_id=job_id,
+                event=event,
+                webhook_id=webhook_id,
+                retry_initial_seconds=settings.callback_retry_initial_seconds,
+            ),
+            id=f"{workflow_id_for(job_id)}-event-{event}-again-{uuid.uuid4().hex[:8]}",
+            task_queue=settings.task_queue,
+            static_summary=f"Tell job {job_id}'s caller again: {event}",
+            priority=Priority(fairness_key=job["tenant"]),
+        )
+    except (RPCError, RuntimeError) as exc:
+        raise TemporalUnavailable(
+            f"Temporal at {settings.temporal_address} is unavailable; try again shortly"
+        ) from exc
+    return {"event": event, "webhook_id": webhook_id}
 
 
 async def _revert(

@@ -28,6 +28,15 @@ class PlanError(ValueError):
     """The storyboard cannot be rendered with this model; the message says why."""
 
 
+# The job's video and what is made from it, under videos/{job}/ (thumbnails under scenes/).
+POSTER = "poster.jpg"
+PREVIEW = "preview.mp4"
+
+
+def thumbnail_name(number: int) -> str:
+    return f"{number:03d}.jpg" if number else "all.jpg"
+
+
 def clip_name(number: int, digest: str) -> str:
     """A verified clip's file name under videos/{job}/scenes/: the scene and what made it."""
     return f"{number:03d}-{digest[:16]}.mp4" if number else f"all-{digest[:16]}.mp4"

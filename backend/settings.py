@@ -120,6 +120,19 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=60.0, ge=0)
     reconcile_grace_seconds: float = Field(default=60.0, ge=0)
 
+    # Callers' callbacks (job.completed, ...): private, loopback and link-local addresses are
+    # refused unless this allows them (tests and the local dev stack call loopback).
+    allow_private_callbacks: bool = False
+    # The first retry of a failed callback waits this long, then twice as long each time (for
+    # up to an hour between tries, a day in all).
+    callback_retry_initial_seconds: float = Field(default=5.0, gt=0)
+    # Fair shares: jobs a tenant may have going at once (rendering or in review), and what it
+    # may spend in TENANT_SPEND_PERIOD_DAYS (unset: no cap); a tenant's own row may override
+    # both (`render-video tenants set`).
+    tenant_max_active_jobs: int = Field(default=500, ge=1)
+    tenant_spend_cap: Decimal | None = Field(default=None, gt=0)
+    tenant_spend_period_days: float = Field(default=30.0, gt=0)
+
     price_per_image: Decimal = Decimal("0.003")
     price_per_video_second: Decimal = Decimal("0.10")
     max_video_bytes: int = 2 * 1024**3

@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from support import Stack, running_stack
 from temporalio.testing import WorkflowEnvironment
 
-from backend.cli import temporal_binary
+from backend.cli import fairness_flags, temporal_binary
 from backend.database import JobStore, make_engine
 from local_replicate.config import ServerConfig
 from local_replicate.testing import RunningServer
@@ -32,6 +32,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         ui=False,
         dev_server_log_level="error",
         search_attributes=list(SEARCH_ATTRIBUTES),
+        dev_server_extra_args=fairness_flags(),
     )
     yield env
     await env.shutdown()

@@ -14,6 +14,17 @@ def workflow_id_for(job_id: int) -> str:
     return f"render-video-{job_id}"
 
 
+def event_workflow_id(job_id: int, event: str, run_id: str) -> str:
+    """The DeliverJobEvent run that tells the caller how one run of a job ended."""
+    return f"{workflow_id_for(job_id)}-event-{event}-{run_id.replace('-', '')[:12]}"
+
+
+def webhook_id_for(job_id: int, event: str, run_id: str) -> str:
+    """One id per event of one run: the same for every retry and redelivery of it, so the
+    caller can tell a repeat from a new event."""
+    return f"msg_job{job_id}_{event}_{run_id.replace('-', '')[:16]}"
+
+
 def scene_workflow_id(job_id: int, number: int) -> str:
     """The id of the RenderScene child that renders one scene (0: a whole-storyboard model's
     one prediction)."""
@@ -39,6 +50,9 @@ class RenderVideoInput:
     # The task queue whose activities create predictions (rate-limited across workers);
     # None: the run's own.
     create_task_queue: str | None = None
+    # The job (or its tenant) has a callback URL: tell it how the run ended.
+    notify: bool = False
+    callback_retry_initial_seconds: float = 5.0
 
 
 @dataclass
@@ -398,3 +412,33 @@ class StitchedVideo:
 class PublishVideoInput:
     job_id: int
     path: str
+
+
+@dataclass
+class DeliverEventInput:
+    job_id: int
+    # completed | failed | cancelled | expired
+    event: str
+    webhook_id: str
+    retry_initial_seconds: float = 5.0
+
+
+@dataclass
+class EventDelivered:
+    delivered: bool
+    status_code: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class PreviewsInput:
+    job_id: int
+    # (scene number, clip file name) of every clip, for their thumbnails.
+    clips: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class PreviewsMade:
+    poster: str
+    preview: str
+    thumbnails: int

@@ -26,6 +26,7 @@ from workflows.common import (
     set_stage,
     uncancellable,
 )
+from workflows.deliver_event import DeliverJobEvent
 from workflows.render_scene import RenderScene
 
 # Passed through: plain dataclasses, the same in and out of the sandbox, so they are not
@@ -42,7 +43,9 @@ with workflow.unsafe.imports_passed_through():
         ApproveSignal,
         ClipCut,
         CostRecord,
+        DeliverEventInput,
         MarkJobFailedInput,
+        PreviewsInput,
         PublishVideoInput,
         RecordApprovalInput,
         RecordCostInput,
@@ -59,7 +62,9 @@ with workflow.unsafe.imports_passed_through():
         StoryboardSummary,
         ValidateStoryboardInput,
         VerifyVideoInput,
+        event_workflow_id,
         scene_workflow_id,
+        webhook_id_for,
     )
 
 __all__ = ["JOB_ID", "RENDER_STAGE", "SEARCH_ATTRIBUTES", "WORKFLOW_NAME", "RenderVideo"]
@@ -141,7 +146,7 @@ class RenderVideo:
                 status, message = "expired", str(err)
             else:
                 status, message = "failed", explain(err)
-            await self._close_failed(input.job_id, message, status)
+            await self._close_failed(input, message, status)
             if cancelled:
                 raise
             kind = "ReviewExpired" if status == "expired" else "RenderFailed"
@@ -221,8 +226,11 @@ class RenderVideo:
         # The commit point: once the video is being published the job completes, and a
         # cancel that arrives now is too late (the job store and the run must tell the same
         # story).
-        cost = await uncancellable(self._publish(input, stitched.path, video.duration_seconds))
+        cost = await uncancellable(
+            self._publish(input, stitched.path, video.duration_seconds, plan, clips)
+        )
         self._progress.scenes_completed = plan.scenes_total
+        await uncancellable(self._announce(input, "completed"))
         self._stage(
             "completed",
             f"Video ready; cost ${cost.actual_cost}"
@@ -239,7 +247,14 @@ class RenderVideo:
             over_budget=cost.over_budget,
         )
 
-    async def _publish(self, input: RenderVideoInput, path: str, seconds: float) -> CostRecord:
+    async def _publish(
+        self,
+        input: RenderVideoInput,
+        path: str,
+        seconds: float,
+        plan: RenderPlan,
+        clips: dict[int, str],
+    ) -> CostRecord:
         job_id = input.job_id
         await workflow.execute_activity_method(
             MediaActivities.publish_video,
@@ -248,6 +263,21 @@ class RenderVideo:
             retry_policy=PERSISTENT,
             summary=f"Publish the video of job {job_id}",
         )
+        try:
+            await workflow.execute_activity_method(
+                MediaActivities.make_previews,
+                PreviewsInput(
+                    job_id=job_id,
+                    clips=[(unit.number, clips[unit.number]) for unit in plan.units],
+                ),
+                start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=HEARTBEAT,
+                retry_policy=QUICK,
+                summary=f"Make the poster, preview and thumbnails of job {job_id}",
+            )
+        except ActivityError as err:
+            # The video is whole and paid for: a missing poster does not fail the job.
+            workflow.logger.warning("Job %s has no poster or preview: %s", job_id, explain(err))
         assert self._validation is not None
         return await workflow.execute_activity_method(
             JobActivities.record_cost,
@@ -372,12 +402,13 @@ class RenderVideo:
         self._progress.updated_at = workflow.now().isoformat()
         set_stage(stage, message, previous)
 
-    async def _close_failed(self, job_id: int, message: str, status: str) -> None:
+    async def _close_failed(self, input: RenderVideoInput, message: str, status: str) -> None:
         """Writes the job's final status. Nothing interrupts it (a cancel arriving now is too
         late), and it writes the status again for every approve or review request that
         changed the job's row meanwhile: a run that is closing takes requests too, and the
         job must end saying what the run ended as. (The scenes cancelled their own
         predictions before this.)"""
+        job_id = input.job_id
         written = -1
         while written != self._requests:
             written = self._requests
@@ -391,4 +422,24 @@ class RenderVideo:
                     summary=f"Mark job {job_id} {status}",
                 )
             )
+        await uncancellable(self._announce(input, status))
         self._stage(status, message)
+
+    async def _announce(self, input: RenderVideoInput, event: str) -> None:
+        """Starts the delivery of the job's event to the caller's callback, and leaves it to
+        run on (backoff for up to a day) after this run closes."""
+        if not input.notify:
+            return
+        run_id = workflow.info().run_id
+        await workflow.start_child_workflow(
+            DeliverJobEvent.run,
+            DeliverEventInput(
+                job_id=input.job_id,
+                event=event,
+                webhook_id=webhook_id_for(input.job_id, event, run_id),
+                retry_initial_seconds=input.callback_retry_initial_seconds,
+            ),
+            id=event_workflow_id(input.job_id, event, run_id),
+            static_summary=f"Tell job {input.job_id}'s caller: {event}",
+            parent_close_policy=ParentClosePolicy.ABANDON,
+        )

@@ -4,12 +4,15 @@ cancel, read and follow. Every route needs an API key and sees only its tenant's
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import OperationalError
 from temporalio.client import Client
@@ -23,22 +26,25 @@ from api.deps import (
     StoreDep,
     TemporalDep,
 )
-from api.errors import error_responses
+from api.errors import error_responses, invalid_field
 from api.models import (
     ApproveBody,
     Budget,
     CancelAnswer,
     CreateJob,
     JobCreated,
+    JobPage,
     JobView,
+    RedeliveryStarted,
     RenderStarted,
     StoryboardInput,
 )
 from api.reads import JobReads, ProgressCache
 from api.security import OwnedJob, ProtectedRoute, TenantDep
 from api.views import VideoSigner, job_view, view_json, view_response
+from backend.callbacks import CallbackRefused, check_callback_url
 from backend.database import ACTIVE, FINISHED, JobConflict, JobNotFound, JobStatus
-from backend.orchestration import cancel_render, start_render
+from backend.orchestration import cancel_render, redeliver_event, start_render
 from backend.settings import Settings
 
 router = APIRouter(prefix="/api/v2/jobs", tags=["jobs"], route_class=ProtectedRoute)
@@ -55,13 +61,111 @@ _COMMON = (401, 415, 422, 503)
     summary="Create a job, with or without its storyboard",
 )
 async def create_job(
-    tenant: TenantDep, store: StoreDep, body: CreateJob | None = None
+    tenant: TenantDep, store: StoreDep, settings: SettingsDep, body: CreateJob | None = None
 ) -> JobCreated:
-    storyboard = body.storyboard if body else None
-    max_cost = body.max_cost if body else None
+    body = body or CreateJob()
+    callback_url = checked_callback_url(body.callback_url, settings)
     # One insert: when the store is locked nothing is written and the answer is 503.
-    job_id = await asyncio.to_thread(store.create, storyboard, max_cost=max_cost, tenant=tenant)
-    return JobCreated(job_id=job_id, status="ready" if storyboard is not None else "draft")
+    job_id = await asyncio.to_thread(
+        store.create,
+        body.storyboard,
+        max_cost=body.max_cost,
+        tenant=tenant,
+        callback_url=callback_url,
+        metadata=body.metadata,
+    )
+    return JobCreated(job_id=job_id, status="ready" if body.storyboard is not None else "draft")
+
+
+def checked_callback_url(url: str | None, settings: Settings) -> str | None:
+    """The callback URL if it may be called; a 422 naming why not otherwise."""
+    if url is None:
+        return None
+    try:
+        return check_callback_url(url, allow_private=settings.allow_private_callbacks)
+    except CallbackRefused as exc:
+        raise invalid_field(("body", "callback_url"), str(exc)) from None
+
+
+JobStatusFilter = Literal[
+    "draft", "ready", "in_review", "rendering", "completed", "failed", "cancelled", "expired"
+]
+
+
+@router.get(
+    "",
+    response_model=JobPage,
+    responses=error_responses(401, 422, 503),
+    summary="The tenant's jobs, newest first, a page at a time",
+)
+async def list_jobs(
+    tenant: TenantDep,
+    store: StoreDep,
+    signer: SignerDep,
+    status: Annotated[JobStatusFilter | None, Query(description="Only jobs in this state")] = None,
+    created_after: Annotated[
+        datetime | None, Query(description="Only jobs created at or after (ISO 8601)")
+    ] = None,
+    created_before: Annotated[
+        datetime | None, Query(description="Only jobs created before (ISO 8601)")
+    ] = None,
+    metadata_key: Annotated[
+        str | None, Query(max_length=200, description="Only jobs whose metadata has this key")
+    ] = None,
+    metadata_value: Annotated[
+        str | None,
+        Query(max_length=1000, description="...and whose value there is this (as text)"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page")] = 50,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page")
+    ] = None,
+) -> JobPage:
+    """Keyset pages (a cursor names the last job seen): jobs created while paging never shift
+    or repeat the pages that follow. Views here carry no `live` (no query to each run)."""
+    if metadata_value is not None and metadata_key is None:
+        raise invalid_field(("query", "metadata_value"), "needs metadata_key")
+    after = _decode_cursor(cursor) if cursor else None
+    jobs = await asyncio.to_thread(
+        store.list_jobs,
+        tenant,
+        limit=limit + 1,
+        after=after,
+        status=status,
+        created_after=_aware(created_after),
+        created_before=_aware(created_before),
+        metadata_key=metadata_key,
+        metadata_value=metadata_value,
+    )
+    page, more = jobs[:limit], len(jobs) > limit
+    last = page[-1] if page and more else None
+    return JobPage(
+        jobs=[job_view(job, signer) for job in page],
+        next_cursor=_encode_cursor(last["created_at"], last["id"]) if last else None,
+    )
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def _encode_cursor(created_at: str, job_id: int) -> str:
+    raw = json.dumps([created_at, job_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        datetime.fromisoformat(created_at)
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise ValueError("bad id")
+    except (ValueError, TypeError, binascii.Error):
+        raise invalid_field(("query", "cursor"), "not a cursor this API gave out") from None
+    return created_at, job_id
 
 
 @router.put(
@@ -96,7 +200,7 @@ async def put_budget(job: OwnedJob, store: StoreDep, signer: SignerDep, body: Bu
 @router.post(
     "/{job_id}/approve",
     response_model=RenderStarted,
-    responses=error_responses(*_COMMON, 404, 409, 413),
+    responses=error_responses(*_COMMON, 404, 409, 413, 429),
     summary="Approve and render: signals the run waiting in review, or starts one",
 )
 async def approve(
@@ -129,7 +233,7 @@ async def approve(
 @router.post(
     "/{job_id}/review",
     response_model=RenderStarted,
-    responses=error_responses(*_COMMON, 404, 409),
+    responses=error_responses(*_COMMON, 404, 409, 429),
     summary="Start a run that validates the storyboard, then waits for an approval",
 )
 async def submit_for_review(
@@ -168,6 +272,22 @@ async def cancel(
         return CancelAnswer(**await cancel_render(temporal, store, job["id"], provider))
     finally:
         progress.forget(job["id"])
+
+
+@router.post(
+    "/{job_id}/callbacks/redeliver",
+    status_code=202,
+    response_model=RedeliveryStarted,
+    responses=error_responses(*_COMMON, 404, 409),
+    summary="Send the job's last event to its callback again (same webhook-id)",
+)
+async def redeliver(
+    job: OwnedJob, store: StoreDep, temporal: TemporalDep, settings: SettingsDep
+) -> RedeliveryStarted:
+    """The event the job ended with, again, under its webhook-id: a receiver that took it
+    already can tell it is a repeat."""
+    started = await redeliver_event(temporal, store, settings, job)
+    return RedeliveryStarted(job_id=job["id"], **started)
 
 
 @router.get(
