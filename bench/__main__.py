@@ -20,6 +20,7 @@ BENCHES = {
     "api": "GET /api/v2/jobs/{id} under load against a bare FastAPI endpoint",
     "stitching": "Stitching scene clips against the ffmpeg command line",
     "scenes": "Per-scene rendering: parallel scenes, held-down creates, edits",
+    "fairness": "Fair shares: one tenant's backlog against another's job",
 }
 
 

@@ -8,7 +8,16 @@ from typing import Any
 
 from .common import BENCH_DIR, RESULTS_DIR, _num, machine_label
 
-ORDER = ["orchestration", "in_flight", "download", "rendering", "api", "stitching", "scenes"]
+ORDER = [
+    "orchestration",
+    "in_flight",
+    "download",
+    "rendering",
+    "api",
+    "stitching",
+    "scenes",
+    "fairness",
+]
 # Hand-written: what each missed target turned out to be, and the figures before and after
 # the fix. Appended to RESULTS.md as it is.
 FINDINGS = BENCH_DIR / "FINDINGS.md"
