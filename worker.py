@@ -36,7 +36,9 @@ log = logging.getLogger("worker")
 def worker_options(settings: Settings) -> dict[str, Any]:
     """Shared with the benchmarks' bare worker, so both run on the same settings."""
     return {
-        "graceful_shutdown_timeout": timedelta(seconds=10),
+        # On SIGTERM the worker polls no more and lets what it holds finish for this long;
+        # what has not finished by then is cancelled, and Temporal retries it elsewhere.
+        "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace_seconds),
         "max_cached_workflows": settings.worker_max_cached_workflows,
     }
 

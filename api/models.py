@@ -304,6 +304,14 @@ class RedeliveryStarted(BaseModel):
     webhook_id: str
 
 
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str] = Field(
+        description="database, temporal, storage: `ok`, or `failed (...)` naming the kind of "
+        "failure"
+    )
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     # Tells this API apart from whatever else might answer on its port.

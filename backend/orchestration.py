@@ -158,7 +158,7 @@ async def start_render(
     alone, and only a failed, cancelled or expired job may run again.
     """
     job = await asyncio.to_thread(store.get, job_id)
-    workflow_id = workflow_id_for(job_id)
+    workflow_id = workflow_id_for(job_id, settings.workflow_id_prefix)
     if job["status"] == JobStatus.COMPLETED and not rerender:
         return workflow_id
     if review and job["status"] == JobStatus.RENDERING:
@@ -309,7 +309,7 @@ async def ensure_reconcile_schedule(client: Client, settings: Settings) -> None:
     task queue; every worker makes sure it exists, the first one creates it)."""
     if settings.reconcile_interval_seconds <= 0:
         return
-    schedule_id = f"reconcile-jobs-{settings.task_queue}"
+    schedule_id = f"{settings.workflow_id_prefix}reconcile-jobs-{settings.task_queue}"
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
             ReconcileJobs.run,
@@ -360,7 +360,8 @@ async def redeliver_event(
                 webhook_id=webhook_id,
                 retry_initial_seconds=settings.callback_retry_initial_seconds,
             ),
-            id=f"{workflow_id_for(job_id)}-event-{event}-again-{uuid.uuid4().hex[:8]}",
+            id=f"{job['workflow_id'] or workflow_id_for(job_id, settings.workflow_id_prefix)}"
+            f"-event-{event}-again-{uuid.uuid4().hex[:8]}",
             task_queue=settings.task_queue,
             static_summary=f"Tell job {job_id}'s caller again: {event}",
             priority=Priority(fairness_key=job["tenant"]),
@@ -385,10 +386,12 @@ async def _revert(
         )
 
 
-async def wait_for_render(client: Client, job_id: int) -> RenderVideoResult | None:
+async def wait_for_render(
+    client: Client, job_id: int, prefix: str = ""
+) -> RenderVideoResult | None:
     """Waits for the job's run to close; None when it failed or was cancelled."""
     handle: WorkflowHandle = client.get_workflow_handle(
-        workflow_id_for(job_id), result_type=RenderVideoResult
+        workflow_id_for(job_id, prefix), result_type=RenderVideoResult
     )
     try:
         return await handle.result()

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     )
 
     temporal_address: str = "127.0.0.1:7233"
+    # Put before every workflow id (and the reconcile schedule's), so two deployments can
+    # share one Temporal namespace; give them different TASK_QUEUEs too.
+    workflow_id_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,50}$")
     temporal_namespace: str = "default"
     task_queue: str = "render-video"
 
@@ -114,6 +117,8 @@ class Settings(BaseSettings):
     # host:port where the worker serves Prometheus metrics (task slots, activity latencies);
     # off when unset.
     worker_metrics_address: str | None = None
+    # On SIGTERM a worker takes no new tasks and gives the ones it holds this long to finish.
+    worker_shutdown_grace_seconds: float = Field(default=30.0, ge=0)
 
     # The safety net: a Temporal Schedule runs ReconcileJobs this often (0: no schedule), and
     # it repairs jobs whose run closed but whose status was not changed for this long.

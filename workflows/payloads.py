@@ -9,14 +9,15 @@ from typing import Any
 RENDER_WORKFLOW = "RenderVideo"
 
 
-def workflow_id_for(job_id: int) -> str:
-    """The id of a job's RenderVideo run: one per job, so a second approve joins the first."""
-    return f"render-video-{job_id}"
+def workflow_id_for(job_id: int, prefix: str = "") -> str:
+    """The id of a job's RenderVideo run: one per job, so a second approve joins the first.
+    `prefix` (WORKFLOW_ID_PREFIX) keeps two deployments apart in one namespace."""
+    return f"{prefix}render-video-{job_id}"
 
 
-def event_workflow_id(job_id: int, event: str, run_id: str) -> str:
+def event_workflow_id(job_workflow_id: str, event: str, run_id: str) -> str:
     """The DeliverJobEvent run that tells the caller how one run of a job ended."""
-    return f"{workflow_id_for(job_id)}-event-{event}-{run_id.replace('-', '')[:12]}"
+    return f"{job_workflow_id}-event-{event}-{run_id.replace('-', '')[:12]}"
 
 
 def webhook_id_for(job_id: int, event: str, run_id: str) -> str:
@@ -25,10 +26,14 @@ def webhook_id_for(job_id: int, event: str, run_id: str) -> str:
     return f"msg_job{job_id}_{event}_{run_id.replace('-', '')[:16]}"
 
 
-def scene_workflow_id(job_id: int, number: int) -> str:
+def scene_workflow_id(job_id: int, number: int, prefix: str = "") -> str:
     """The id of the RenderScene child that renders one scene (0: a whole-storyboard model's
     one prediction)."""
-    return f"{workflow_id_for(job_id)}-scene-{number if number else 'all'}"
+    return scene_run_id(workflow_id_for(job_id, prefix), number)
+
+
+def scene_run_id(job_workflow_id: str, number: int) -> str:
+    return f"{job_workflow_id}-scene-{number if number else 'all'}"
 
 
 @dataclass

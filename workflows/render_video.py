@@ -63,7 +63,7 @@ with workflow.unsafe.imports_passed_through():
         ValidateStoryboardInput,
         VerifyVideoInput,
         event_workflow_id,
-        scene_workflow_id,
+        scene_run_id,
         webhook_id_for,
     )
 
@@ -329,7 +329,8 @@ class RenderVideo:
                         still_image=plan.still_image,
                         create_task_queue=input.create_task_queue,
                     ),
-                    id=scene_workflow_id(job_id, unit.number),
+                    # The job run's own id, prefix and all: scenes are found beside it.
+                    id=scene_run_id(workflow.info().workflow_id, unit.number),
                     static_summary=what,
                     search_attributes=attributes,
                     # A parent that is terminated still gets its scenes' predictions cancelled.
@@ -439,7 +440,7 @@ class RenderVideo:
                 webhook_id=webhook_id_for(input.job_id, event, run_id),
                 retry_initial_seconds=input.callback_retry_initial_seconds,
             ),
-            id=event_workflow_id(input.job_id, event, run_id),
+            id=event_workflow_id(workflow.info().workflow_id, event, run_id),
             static_summary=f"Tell job {input.job_id}'s caller: {event}",
             parent_close_policy=ParentClosePolicy.ABANDON,
         )

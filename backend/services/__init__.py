@@ -33,7 +33,7 @@ async def render_video_task_async(job_id: int) -> dict[str, Any]:
             "dev runs the whole stack) or set TEMPORAL_ADDRESS"
         ) from None
     await start_render(client, store, settings, job_id)
-    await wait_for_render(client, job_id)
+    await wait_for_render(client, job_id, settings.workflow_id_prefix)
     return await asyncio.to_thread(store.get, job_id)
 
 
