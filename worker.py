@@ -77,10 +77,13 @@ async def running_worker(client: Client, settings: Settings) -> AsyncIterator[Wo
             max_task_queue_activities_per_second=settings.provider_creates_per_minute / 60,
             graceful_shutdown_timeout=worker_options(settings)["graceful_shutdown_timeout"],
         )
-        async with worker, creator:
-            # Once something runs its workflow: the safety net for job/workflow agreement.
-            await ensure_reconcile_schedule(client, settings)
-            yield worker
+        try:
+            async with worker, creator:
+                # Once something runs its workflow: the safety net for job/workflow agreement.
+                await ensure_reconcile_schedule(client, settings)
+                yield worker
+        finally:
+            store.engine.dispose()
 
 
 async def serve(settings: Settings) -> None:

@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             gc.unfreeze()
+            engine.dispose()
 
     # The docs' Swagger UI and ReDoc assets are served by the API itself (fastapi-offline), so
     # /docs works with no network, as everything else here does.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +65,27 @@ class Stack:
     store: JobStore
     api: httpx.AsyncClient
     renderer: RunningServer
+    # Clients made for the test, closed with the stack.
+    clients: list[httpx.AsyncClient] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
         return str(self.api.base_url).rstrip("/")
 
-    def client_for(self, tenant: str) -> AbstractAsyncContextManager[httpx.AsyncClient]:
-        return api_client(self.base_url, new_key(self.store, tenant))
+    def client_for(self, tenant: str) -> httpx.AsyncClient:
+        """A client with a new key of `tenant` (closed with the stack; `async with` works too)."""
+        client = api_client(self.base_url, new_key(self.store, tenant))
+        self.clients.append(client)
+        return client
 
-    def anonymous(self) -> AbstractAsyncContextManager[httpx.AsyncClient]:
-        return api_client(self.base_url, None)
+    def anonymous(self) -> httpx.AsyncClient:
+        client = api_client(self.base_url, None)
+        self.clients.append(client)
+        return client
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
 
     async def create_job(self, storyboard: Any = None) -> int:
         body = {"storyboard": storyboard} if storyboard is not None else None
@@ -120,11 +131,15 @@ async def running_stack(
             settings = settings.model_copy(update={"public_base_url": api_server.base_url})
         async with api_client(api_server.base_url, new_key(store)) as api:
             stack = Stack(settings, env.client, store, api, renderer)
-            if not worker:
-                yield stack
-                return
-            async with running_worker(env.client, settings):
-                yield stack
+            try:
+                if not worker:
+                    yield stack
+                    return
+                async with running_worker(env.client, settings):
+                    yield stack
+            finally:
+                await stack.aclose()
+                store.engine.dispose()
 
 
 async def eventually(check: Any, within: float = 30.0, what: str = "condition") -> Any:

@@ -149,6 +149,7 @@ async def test_a_failed_job_sends_job_failed_and_a_caller_can_ask_again(
     event = json.loads(first.body)
     assert event["type"] == "job.failed"
     assert event["data"]["error"] == "Scene 1 failed: out of credit"
+    await eventually(lambda: _delivered(callers, view["job_id"]), what="the delivery recorded")
 
     again = await callers.api.post(f"/api/v2/jobs/{view['job_id']}/callbacks/redeliver")
     assert again.status_code == 202, again.text
