@@ -3,12 +3,16 @@ against the real stack (Temporal dev server, worker, render server, the API over
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 from sqlmodel import Session, func, select
 from support import Stack, api_client, make_settings, new_key
 from temporalio.testing import WorkflowEnvironment
@@ -70,6 +74,77 @@ async def test_a_create_retried_with_the_same_key_returns_the_same_job(stack: St
         assert second.status_code == 201
         assert second.json()["job_id"] != first.json()["job_id"]
         assert jobs_of(stack, tenant) == 2
+
+
+@asynccontextmanager
+async def losing_first_answer(upstream: str) -> AsyncIterator[str]:
+    """A TCP proxy to `upstream` (host:port) whose first connection delivers the request, waits
+    for the whole answer, and closes without passing it on: a reset connection after the
+    server did the work. Later connections are passed through."""
+    host, port = upstream.rsplit(":", 1)
+    connections = 0
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        server_r, server_w = await asyncio.open_connection(host, int(port))
+        if connections > 1:
+            await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+            return
+        head = await client_r.readuntil(b"\r\n\r\n")
+        length = int(_header(head, b"content-length") or 0)
+        server_w.write(head + await client_r.readexactly(length))
+        answer = await server_r.readuntil(b"\r\n\r\n")
+        await server_r.readexactly(int(_header(answer, b"content-length") or 0))
+        for writer in (client_w, server_w):
+            writer.transport.abort()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        field, _, value = line.partition(b":")
+        if field.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+async def test_a_create_whose_answer_was_lost_is_retried_into_the_same_job(
+    stack: Stack,
+) -> None:
+    tenant = fresh("idem")
+    body = {"storyboard": stack.sample_scenes(1)}
+    headers = {"Authorization": f"Bearer {new_key(stack.store, tenant)}", **keyed(fresh("lost"))}
+    async with (
+        losing_first_answer(stack.base_url.removeprefix("http://")) as proxy,
+        httpx.AsyncClient(base_url=proxy, headers=headers, timeout=30) as api,
+    ):
+        try:
+            await api.post("/api/v2/jobs", json=body)
+        except httpx.TransportError:
+            pass
+        else:
+            raise AssertionError("the proxy passed the first answer on")
+        # The job was made; the client cannot know. Its retry, with the same key:
+        assert jobs_of(stack, tenant) == 1
+        retried = await api.post("/api/v2/jobs", json=body)
+    assert retried.status_code == 201, retried.text
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert jobs_of(stack, tenant) == 1
+    with Session(stack.store.engine) as session:
+        job = session.exec(select(Job).where(Job.tenant == tenant)).one()
+    assert retried.json() == {"job_id": job.id, "status": "ready"}
 
 
 async def test_the_same_key_with_another_request_is_422_and_changes_nothing(
