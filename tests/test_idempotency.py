@@ -373,3 +373,59 @@ async def test_a_503_is_not_kept_and_the_retry_really_approves(
                     assert store.get(job_id)["status"] == "completed"
             finally:
                 await env.shutdown()
+
+
+async def test_concurrent_requests_with_one_key_make_one_job(stack: Stack) -> None:
+    tenant = fresh("idem")
+    key = fresh("race")
+    async with stack.client_for(tenant) as api:
+        answers = await asyncio.gather(
+            *(api.post("/api/v2/jobs", json={"max_cost": 7}, headers=keyed(key)) for _ in range(8))
+        )
+    assert {a.status_code for a in answers} <= {201, 409}, [a.text for a in answers]
+    made = [a for a in answers if a.status_code == 201]
+    assert len({a.json()["job_id"] for a in made}) == 1
+    assert sum("idempotent-replayed" not in a.headers for a in made) == 1
+    assert all(a.headers["retry-after"] == "1" for a in answers if a.status_code == 409)
+    assert jobs_of(stack, tenant) == 1
+
+
+def test_the_key_store_claims_replays_and_expires(store: JobStore) -> None:
+    tenant, key = fresh("t"), fresh("k")
+    line = "POST /api/v2/jobs"
+    now = datetime.now(UTC)
+    # An expired row of another key, left by another process; removed by the clean-up that
+    # this process's first claim does.
+    old = IdempotencyStore(store.engine).claim(
+        tenant, "old", "f0", line, now=now - timedelta(hours=25)
+    )
+    assert old.outcome == "claimed"
+    keys = IdempotencyStore(store.engine)
+
+    first = keys.claim(tenant, key, "f1", line, now=now)
+    assert first.outcome == "claimed" and first.token is not None
+    assert keys.claim(tenant, key, "f1", line, now=now).outcome == "in_progress"
+    conflict = keys.claim(tenant, key, "f2", "POST /api/v2/jobs/1/approve", now=now)
+    assert conflict.outcome == "conflict" and conflict.first_request == line
+    # Another tenant's key of the same name is its own.
+    assert keys.claim(fresh("t"), key, "f2", line, now=now).outcome == "claimed"
+
+    answer = b'{"job_id": 1}\x00\xff'
+    headers = [("content-type", "application/json"), ("location", "/x")]
+    assert keys.complete(tenant, key, first.token, 201, headers, answer)
+    replay = keys.claim(tenant, key, "f1", line, now=now + timedelta(hours=23))
+    assert replay.outcome == "replay" and replay.answer is not None
+    assert (replay.answer.status_code, replay.answer.headers) == (201, headers)
+    assert replay.answer.body == answer
+    # Only the claim's holder settles it.
+    assert not keys.complete(tenant, key, "not-the-token", 500, [], b"")
+
+    # A day later the key is free again, for any request.
+    again = keys.claim(tenant, key, "f2", line, now=now + timedelta(hours=24, seconds=1))
+    assert again.outcome == "claimed" and again.token is not None
+    keys.release(tenant, key, again.token)
+    assert keys.claim(tenant, key, "f3", line, now=now).outcome == "claimed"
+
+    with Session(store.engine) as session:
+        query = select(IdempotencyRecord).where(IdempotencyRecord.tenant == tenant)
+        assert {row.idempotency_key for row in session.exec(query)} == {key}
