@@ -158,6 +158,7 @@ class _Processing:
         self.chunks: list[bytes] = []
         self.size = 0
         self.settled = False
+        self.client_gone = False
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         async def capture(message: Message) -> None:
@@ -177,7 +178,14 @@ class _Processing:
                     # Kept before the client can see the end of it: a retry sent the moment
                     # the answer arrives finds it.
                     await self._settle()
-            await send(message)
+            if self.client_gone:
+                return
+            try:
+                await send(message)
+            except OSError:
+                # The client went away (uvicorn drops the messages silently; other servers
+                # raise): the request is still finished, and its answer kept for the retry.
+                self.client_gone = True
 
         try:
             await app(scope, receive, capture)

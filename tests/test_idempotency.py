@@ -320,6 +320,22 @@ async def test_malformed_keys_are_refused_and_unauthenticated_requests_are_401(
     assert records_with(stack, key) == 0
 
 
+async def test_an_oversized_body_is_refused_before_its_key_is_claimed(stack: Stack) -> None:
+    key = fresh("big")
+    chunk = b" " * 65536
+    size = stack.settings.max_request_bytes + len(chunk)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for _ in range(size // len(chunk)):
+            yield chunk
+
+    response = await stack.api.post(
+        "/api/v2/jobs", content=chunked(), headers={**JSON, **keyed(key)}
+    )
+    assert response.status_code == 413, response.text
+    assert records_with(stack, key) == 0
+
+
 async def test_the_webhook_receiver_ignores_idempotency_keys(stack: Stack) -> None:
     key = fresh("webhook")
     headers = {
