@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # One image for every role; the command picks it:
-#   API     uvicorn api.main:app --host 0.0.0.0 --port 8000      (the default CMD)
+#   API     uvicorn api.main:app --host 0.0.0.0 --port 8000 --timeout-keep-alive 75
+#           (the default CMD; keep-alive past clients' ~60 s idle timeouts, see backend/cli.py)
 #   worker  python -m worker
 #   CLI     render-video ...                                    (e.g. render-video migrate)
 #   local render server (no Replicate account)
@@ -54,4 +55,6 @@ COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000 9464
-CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# Idle connections are kept 75 s, past the ~60 s clients and load balancers keep theirs: a
+# server that closes first races with a client reusing the connection (API_KEEP_ALIVE_SECONDS).
+CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-keep-alive", "75"]

@@ -15,12 +15,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from api.errors import install_error_handlers
+from api.idempotency import Idempotency, document_idempotency
 from api.limits import BodyLimit
 from api.reads import JobReads, KeyReads, ProgressCache
 from api.routes import health, jobs, tenant, videos, webhooks
 from api.views import VideoSigner
 from backend.auth import KeyStore, url_signing_key
 from backend.database import JobStore, make_engine
+from backend.idempotency import IdempotencyStore
 from backend.orchestration import connect
 from backend.provider import ProviderClient
 from backend.settings import Settings, get_settings
@@ -36,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.resolved_database_url, lock_timeout=settings.db_lock_timeout_seconds
         )
         app.state.store = JobStore(engine)
+        app.state.idempotency = IdempotencyStore(engine)
         app.state.temporal = await connect(settings, lazy=True)
         app.state.provider = ProviderClient(settings)
         app.state.webhook_secret = settings.replicate_webhook_secret
@@ -71,14 +74,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     samples = resources.files("backend") / "samples"
     app.mount("/samples", StaticFiles(directory=str(samples)), name="samples")
 
-    # Outermost last: a browser's preflight is answered before the body cap looks at anything.
+    document_idempotency(app)
+
+    # Outermost last: a browser's preflight is answered before the body cap looks at anything,
+    # and a body is capped before the idempotency keys buffer it.
+    app.add_middleware(Idempotency)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "HEAD", "POST", "PUT"],
-            allow_headers=["Authorization", "Content-Type", "Range"],
+            allow_headers=["Authorization", "Content-Type", "Range", "Idempotency-Key"],
+            expose_headers=["Idempotent-Replayed"],
         )
     return app
 

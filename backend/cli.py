@@ -167,6 +167,8 @@ class Stack:
                 settings.api_host,
                 "--port",
                 str(settings.api_port),
+                "--timeout-keep-alive",
+                str(API_KEEP_ALIVE_SECONDS),
                 "--log-level",
                 "warning",
             ],
@@ -327,6 +329,13 @@ def _supervise(stack: Stack) -> int:
             print(f"Stopping: {name} keeps exiting", file=sys.stderr, flush=True)
             return 1
 
+
+# uvicorn's --timeout-keep-alive for the API (its default is 5 s). Clients keep idle
+# connections for up to about 60 s (httpx 5 s, browsers and load balancers up to 60 s); a server
+# that closes an idle connection first races with a client reusing it, and the client's request
+# meets a closed socket (httpx.ReadError, "connection reset") with no way to know whether it was
+# done. Closing later than the clients do leaves the close to them.
+API_KEEP_ALIVE_SECONDS = 75
 
 SAMPLE_SCENES = [
     ("scene-1.jpg", "Sunrise over the hills"),

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Column,
     Index,
     Integer,
+    LargeBinary,
     Numeric,
     String,
     Text,
@@ -226,6 +227,32 @@ class WebhookReceipt(SQLModel, table=True):
     webhook_id: str = Field(primary_key=True, max_length=200)
     prediction_id: str = Field(primary_key=True, max_length=128)
     received_at: datetime = Field(default_factory=_now)
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """A POST sent with an `Idempotency-Key`, and the answer it got (backend/idempotency.py).
+
+    The primary key makes the claim atomic: the first insert of a (tenant, key) wins, and
+    every other request with that key finds this row.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    idempotency_key: str = Field(primary_key=True, max_length=255)
+    # sha256 of the method, path, query and body: the same key must come with the same request.
+    fingerprint: str = Field(max_length=64)
+    # "POST /api/v2/jobs": named in the answer to a key reused for another request.
+    request: str = Field(sa_column=Column(Text, nullable=False))
+    # in_progress -> done; a request that ends without a storable answer removes its row.
+    state: str = Field(default="in_progress", max_length=16)
+    # Set by each claim: only the request holding the claim may settle it.
+    token: str = Field(max_length=32)
+    status_code: int | None = None
+    # The replayed headers, a JSON list of [name, value] pairs.
+    headers: str | None = Field(default=None, sa_column=Column(Text))
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    created_at: datetime = Field(default_factory=_now, index=True)
 
 
 @dataclass(frozen=True)

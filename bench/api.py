@@ -1,10 +1,11 @@
 """GET /api/v2/jobs/{id} of the real API under a bounded load, against a bare FastAPI endpoint.
 
-Both are served by the same `python -m uvicorn APP --host 127.0.0.1 --port P --log-level
-warning` command (how `render-video dev` runs the API). The jobs are real, on one stack: one
-rendered to `completed`, then one held in `rendering` (a 600 s `slow_render` fault queued on the
-render server), whose GET carries the run's answer to its `progress` query, asked through
-Temporal. The load comes from bench/api_load.py in its own process, one target at a time.
+Both are served by the same `python -m uvicorn APP --host 127.0.0.1 --port P
+--timeout-keep-alive 75 --log-level warning` command (how `render-video dev` runs the API).
+The jobs are real, on one stack: one rendered to `completed`, then one held in `rendering` (a
+600 s `slow_render` fault queued on the render server), whose GET carries the run's answer to
+its `progress` query, asked through Temporal. The load comes from bench/api_load.py in its own
+process, one target at a time.
 BENCH_API_SECONDS sets each round's window (3 s; three rounds per target).
 """
 
@@ -20,9 +21,19 @@ from typing import Any
 
 import httpx
 
-from backend.cli import SAMPLE_SCENES
+from backend.cli import API_KEEP_ALIVE_SECONDS, SAMPLE_SCENES
 
-from .common import ROOT, Figure, Result, free_port, median, percentile, python, run_bench
+from .common import (
+    ROOT,
+    Figure,
+    Result,
+    free_port,
+    median,
+    percentile,
+    python,
+    run_bench,
+    send_sync,
+)
 from .stack import Stack, _spawn, _stop, product_stack, temporal_server, workdir
 
 CONNECTIONS = 16
@@ -35,6 +46,7 @@ SECONDS = float(os.environ.get("BENCH_API_SECONDS", "3"))
 
 def _uvicorn(app: str, port: int) -> list[str]:
     return [python(), "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            "--timeout-keep-alive", str(API_KEEP_ALIVE_SECONDS),
             "--log-level", "warning"]  # fmt: skip
 
 
@@ -86,9 +98,8 @@ def _create(stack: Stack) -> str:
         {"image_url": f"{stack.api}/samples/{name}", "prompt": prompt, "duration_seconds": 2}
         for name, prompt in SAMPLE_SCENES
     ]
-    created = httpx.post(
-        f"{stack.api}/api/v2/jobs", json={"storyboard": {"scenes": scenes}}, headers=stack.headers
-    )
+    with httpx.Client(base_url=stack.api, headers=stack.headers, timeout=30) as api:
+        created = send_sync(api, "POST", "/api/v2/jobs", json={"storyboard": {"scenes": scenes}})
     return f"/api/v2/jobs/{created.raise_for_status().json()['job_id']}"
 
 
@@ -96,7 +107,8 @@ def _job(stack: Stack, want: str, timeout: float = 120) -> tuple[str, dict[str, 
     """Creates and approves a job; returns its path once GET shows `want` (for `rendering`:
     the run answers `progress`, and waits for the render server)."""
     base, path = stack.api, _create(stack)
-    httpx.post(f"{base}{path}/approve", timeout=30, headers=stack.headers).raise_for_status()
+    with httpx.Client(base_url=base, headers=stack.headers, timeout=30) as api:
+        send_sync(api, "POST", f"{path}/approve").raise_for_status()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         view = httpx.get(f"{base}{path}", timeout=10, headers=stack.headers)

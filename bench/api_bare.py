@@ -1,7 +1,7 @@
 """The baseline for bench/api.py: a bare FastAPI app with one route shaped like the real one.
 
-Served by the same `python -m uvicorn ... --log-level warning` command as `api.main:app`, so
-the two differ only in what the endpoint does.
+Served by the same `python -m uvicorn ... --timeout-keep-alive 75 --log-level warning` command
+as `api.main:app`, so the two differ only in what the endpoint does.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""What every benchmark shares: figures and their targets, results on disk, the machine, RSS."""
+"""What every benchmark shares: figures and their targets, results on disk, the machine, RSS,
+and calls to the API that are safe to retry."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -11,10 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -250,3 +255,68 @@ class CpuMeter:
         return {
             name: round(cpu_seconds(pid) - self.before[name], 3) for name, pid in self.pids.items()
         }
+
+
+# -- calls that create or change something, retried safely --
+
+# A POST that got no answer (seen for real: httpx.ReadError on a keep-alive connection the
+# server closed as the client reused it) may or may not have been done. It is retried with
+# the same Idempotency-Key, so the API answers a retry of a done request with its first
+# answer instead of doing it twice; each logical request gets a fresh key.
+SEND_ATTEMPTS = 4
+RETRY_DELAY_SECONDS = 0.25
+
+
+def _keyed(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    headers = dict(kwargs.pop("headers", None) or {})
+    if method.upper() == "POST":
+        headers["Idempotency-Key"] = str(uuid.uuid4())
+    return {**kwargs, "headers": headers}
+
+
+def _in_progress(response: httpx.Response) -> float | None:
+    """Seconds to wait when the API says this key's first attempt is still being processed."""
+    if response.status_code != 409 or "retry-after" not in response.headers:
+        return None
+    try:
+        return float(response.headers["retry-after"])
+    except ValueError:
+        return 1.0
+
+
+async def send(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """`client.request(method, url, **kwargs)`, retried on transport errors; a POST carries
+    one Idempotency-Key across its attempts. Other methods of this API (PUT) are idempotent
+    already."""
+    kwargs = _keyed(method, kwargs)
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        try:
+            response = await client.request(method, url, **kwargs)
+        except httpx.TransportError:
+            if attempt == SEND_ATTEMPTS:
+                raise
+            await asyncio.sleep(RETRY_DELAY_SECONDS * attempt)
+            continue
+        wait = _in_progress(response) if attempt > 1 else None
+        if wait is None or attempt == SEND_ATTEMPTS:
+            return response
+        await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def send_sync(client: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """`send` for a blocking client."""
+    kwargs = _keyed(method, kwargs)
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        try:
+            response = client.request(method, url, **kwargs)
+        except httpx.TransportError:
+            if attempt == SEND_ATTEMPTS:
+                raise
+            time.sleep(RETRY_DELAY_SECONDS * attempt)
+            continue
+        wait = _in_progress(response) if attempt > 1 else None
+        if wait is None or attempt == SEND_ATTEMPTS:
+            return response
+        time.sleep(wait)
+    raise AssertionError("unreachable")

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
-from .common import Figure, Result, RssSampler, mib, run_bench
+from .common import Figure, Result, RssSampler, mib, run_bench, send
 from .orchestration import TINY_OUTPUT
 from .stack import Stack, _spawn, _stop, product_stack, temporal_server, workdir
 
@@ -67,10 +67,10 @@ async def drive(stack: Stack, address: str, samples: list[dict[str, float]]) -> 
 
         async def create_and_approve() -> int:
             async with sem:
-                r = await http.post(f"{api}/api/v2/jobs", json={"storyboard": storyboard})
+                r = await send(http, "POST", f"{api}/api/v2/jobs", json={"storyboard": storyboard})
                 r.raise_for_status()
                 job_id: int = r.json()["job_id"]
-                r = await http.post(f"{api}/api/v2/jobs/{job_id}/approve")
+                r = await send(http, "POST", f"{api}/api/v2/jobs/{job_id}/approve")
                 if r.status_code != 200:
                     raise RuntimeError(f"approve {job_id}: {r.status_code} {r.text}")
                 return job_id

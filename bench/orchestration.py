@@ -26,7 +26,7 @@ from backend.database import JobStore, make_engine
 from backend.settings import Settings
 
 from .bare_chain import BareChain, ChainInput
-from .common import CpuMeter, Figure, Result, median, percentile, run_bench
+from .common import CpuMeter, Figure, Result, median, percentile, run_bench, send
 from .stack import Stack, _spawn, _stop, product_stack, temporal_pid, temporal_server, workdir
 
 # (concurrency, renders timed at that level)
@@ -77,7 +77,7 @@ async def measure(
         async def new_jobs(n: int) -> list[int]:
             ids = []
             for _ in range(n):
-                r = await http.post(f"{api}/api/v2/jobs", json={"storyboard": storyboard})
+                r = await send(http, "POST", f"{api}/api/v2/jobs", json={"storyboard": storyboard})
                 r.raise_for_status()
                 ids.append(r.json()["job_id"])
             return ids
@@ -85,7 +85,7 @@ async def measure(
         async def ours(job_ids: list[int]) -> Callable[[int], Awaitable[float]]:
             async def one(i: int) -> float:
                 t0 = time.perf_counter()
-                r = await http.post(f"{api}/api/v2/jobs/{job_ids[i]}/approve")
+                r = await send(http, "POST", f"{api}/api/v2/jobs/{job_ids[i]}/approve")
                 r.raise_for_status()
                 result = await client.get_workflow_handle(r.json()["workflow_id"]).result()
                 elapsed = time.perf_counter() - t0

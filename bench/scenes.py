@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from .common import Figure, Result, RssSampler, mib, run_bench
+from .common import Figure, Result, RssSampler, mib, run_bench, send_sync
 from .stack import Stack, product_stack, temporal_server, workdir
 
 SCENES = 10
@@ -47,7 +47,7 @@ def _storyboard(stack: Stack, count: int, tag: str) -> list[dict[str, Any]]:
 
 
 def _create(api: httpx.Client, scenes: list[dict[str, Any]]) -> int:
-    response = api.post("/api/v2/jobs", json={"storyboard": scenes})
+    response = send_sync(api, "POST", "/api/v2/jobs", json={"storyboard": scenes})
     response.raise_for_status()
     job_id: int = response.json()["job_id"]
     return job_id
@@ -72,7 +72,7 @@ def _render_once(stack: Stack, scenes: list[dict[str, Any]]) -> tuple[float, int
     with httpx.Client(base_url=stack.api, headers=stack.headers, timeout=60) as api:
         job_id = _create(api, scenes)
         started = time.monotonic()
-        api.post(f"/api/v2/jobs/{job_id}/approve").raise_for_status()
+        send_sync(api, "POST", f"/api/v2/jobs/{job_id}/approve").raise_for_status()
         status = _wait(api, [job_id], timeout=SCENES * PREDICT_SECONDS * 3)[job_id]
         took = time.monotonic() - started
     assert status == "completed", f"job {job_id} {status}"
@@ -109,8 +109,10 @@ def bench_parallel(result: Result, work: Path, address: str) -> None:
                 before = _stats(stack)["creates"]
                 scenes[4]["prompt"] = "an edited fifth scene"
                 with httpx.Client(base_url=stack.api, headers=stack.headers, timeout=60) as api:
-                    api.put(f"/api/v2/jobs/{job_id}/storyboard", json=scenes).raise_for_status()
-                    api.post(f"/api/v2/jobs/{job_id}/approve").raise_for_status()
+                    send_sync(
+                        api, "PUT", f"/api/v2/jobs/{job_id}/storyboard", json=scenes
+                    ).raise_for_status()
+                    send_sync(api, "POST", f"/api/v2/jobs/{job_id}/approve").raise_for_status()
                     status = _wait(api, [job_id], timeout=PREDICT_SECONDS * 4)[job_id]
                 assert status == "completed", status
                 edited = _stats(stack)["creates"] - before
@@ -163,7 +165,7 @@ def bench_throttled(result: Result, work: Path, address: str) -> None:
             ]
             started = time.monotonic()
             for job_id in job_ids:
-                api.post(f"/api/v2/jobs/{job_id}/approve").raise_for_status()
+                send_sync(api, "POST", f"/api/v2/jobs/{job_id}/approve").raise_for_status()
             statuses = _wait(api, job_ids, timeout=3600)
             took = time.monotonic() - started
         stats = _stats(stack)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.auth import KeyStore
-from backend.cli import temporal_dev_command
+from backend.cli import API_KEEP_ALIVE_SECONDS, temporal_dev_command
 from backend.database import make_engine
 
 from .common import free_port, wait_port
@@ -159,6 +159,9 @@ def product_stack(
                     "127.0.0.1",
                     "--port",
                     str(stack.api_port),
+                    # As `render-video dev` serves it (backend/cli.py says why).
+                    "--timeout-keep-alive",
+                    str(API_KEEP_ALIVE_SECONDS),
                     "--log-level",
                     "warning",
                 ],

@@ -385,6 +385,8 @@ def test_dockerfile_builds_in_stages_and_runs_as_non_root() -> None:
         "0.0.0.0",
         "--port",
         "8000",
+        "--timeout-keep-alive",
+        "75",
     ]
 
     ignored = set(ROOT.joinpath(".dockerignore").read_text().split())
