@@ -145,10 +145,14 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Unknown paths and methods: the same shape as every other error.
         detail = exc.detail if isinstance(exc.detail, str) else "Request refused"
-        return error_response(exc.status_code, detail, dict(exc.headers or {}) or None)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route on the path; a path may have several.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(exc.status_code, detail, headers or None)
 
 
 _DESCRIPTIONS = {
@@ -182,3 +186,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             }
         out[status] = entry
     return out
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import OperationalError
 from temporalio.client import Client
@@ -104,10 +104,18 @@ async def list_jobs(
     signer: SignerDep,
     status: Annotated[JobStatusFilter | None, Query(description="Only jobs in this state")] = None,
     created_after: Annotated[
-        datetime | None, Query(description="Only jobs created at or after (ISO 8601)")
+        str | None,
+        Query(
+            json_schema_extra={"format": "date-time"},
+            description="Only jobs created at or after this ISO 8601 time",
+        ),
     ] = None,
     created_before: Annotated[
-        datetime | None, Query(description="Only jobs created before (ISO 8601)")
+        str | None,
+        Query(
+            json_schema_extra={"format": "date-time"},
+            description="Only jobs created before this ISO 8601 time",
+        ),
     ] = None,
     metadata_key: Annotated[
         str | None, Query(max_length=200, description="Only jobs whose metadata has this key")
@@ -120,7 +128,7 @@ async def list_jobs(
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page")
     ] = None,
-) -> JobPage:
+) -> Any:
     """Keyset pages (a cursor names the last job seen): jobs created while paging never shift
     or repeat the pages that follow. Views here carry no `live` (no query to each run)."""
     if metadata_value is not None and metadata_key is None:
@@ -132,23 +140,31 @@ async def list_jobs(
         limit=limit + 1,
         after=after,
         status=status,
-        created_after=_aware(created_after),
-        created_before=_aware(created_before),
+        created_after=_moment("created_after", created_after),
+        created_before=_moment("created_before", created_before),
         metadata_key=metadata_key,
         metadata_value=metadata_value,
     )
     page, more = jobs[:limit], len(jobs) > limit
     last = page[-1] if page and more else None
-    return JobPage(
+    listed = JobPage(
         jobs=[job_view(job, signer) for job in page],
         next_cursor=_encode_cursor(last["created_at"], last["id"]) if last else None,
     )
+    # Each view keeps only the keys of its job's state, as a single job's GET does.
+    return Response(listed.model_dump_json(exclude_unset=True), media_type="application/json")
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
+def _moment(name: str, text: str | None) -> datetime | None:
+    """An ISO 8601 time (no Unix seconds: a number is more likely a mistake); UTC unless it
+    says otherwise."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise invalid_field(("query", name), "must be an ISO 8601 date-time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _encode_cursor(created_at: str, job_id: int) -> str:
