@@ -622,8 +622,11 @@ async def test_terminating_a_job_run_cancels_its_scenes_predictions(stack: Stack
         lambda: prediction_id in stack.renderer.stats()["cancelled_ids"],
         what="the scene to cancel its prediction",
     )
-    described = await handle_of(stack, job_id, 0).describe()
-    assert described.status == WorkflowExecutionStatus.CANCELED
+    # The scene run closes once it has recorded the cancel.
+    scene = handle_of(stack, job_id, 0)
+    await eventually(
+        lambda: _closed_as(scene, WorkflowExecutionStatus.CANCELED), what="the scene run cancelled"
+    )
 
 
 async def test_approve_after_a_terminated_scene_run_adopts_its_running_prediction(
@@ -685,6 +688,10 @@ async def _prediction_of(handle: WorkflowHandle[Any, Any]) -> SceneProgress | No
     except Exception:  # noqa: BLE001 - the scene run may not exist or answer yet
         return None
     return progress if progress.prediction_id else None
+
+
+async def _closed_as(handle: WorkflowHandle[Any, Any], status: WorkflowExecutionStatus) -> bool:
+    return (await handle.describe()).status == status
 
 
 async def _collect(iterator: Any) -> list[Any]:
