@@ -16,11 +16,15 @@ from fastapi_offline import FastAPIOffline
 
 from api.errors import install_error_handlers
 from api.limits import BodyLimit
+from api.metrics import ApiMetrics, RequestMetrics
+from api.metrics import router as metrics_router
 from api.reads import JobReads, KeyReads, ProgressCache
 from api.routes import health, jobs, videos, webhooks
 from api.views import VideoSigner
+from backend import telemetry
 from backend.auth import KeyStore, url_signing_key
 from backend.database import JobStore, make_engine
+from backend.logs import configure_logging
 from backend.orchestration import connect
 from backend.provider import ProviderClient
 from backend.settings import Settings, get_settings
@@ -28,6 +32,12 @@ from backend.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if settings.log_format == "json":
+        # Text stays as uvicorn (or whoever runs the app) set it up.
+        configure_logging("json")
+    # Once per process, and only when the OTEL_* variables ask for an exporter.
+    telemetry.setup_tracing(telemetry.API_SERVICE)
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -36,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.resolved_database_url, lock_timeout=settings.db_lock_timeout_seconds
         )
         app.state.store = JobStore(engine)
+        metrics.jobs.read = app.state.store.count_by_status
         app.state.temporal = await connect(settings, lazy=True)
         app.state.provider = ProviderClient(settings)
         app.state.webhook_secret = settings.replicate_webhook_secret
@@ -52,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             gc.unfreeze()
+            telemetry.flush()
 
     # The docs' Swagger UI and ReDoc assets are served by the API itself (fastapi-offline), so
     # /docs works with no network, as everything else here does.
@@ -63,15 +75,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "path but `/healthz`, the webhook receiver and the sample images needs an API key: "
         "`Authorization: Bearer <key>` (`render-video keys create --tenant NAME`).",
     )
+    app.state.metrics = metrics
     install_error_handlers(app)
     for module in (jobs, videos, webhooks, health):
         app.include_router(module.router)
+    app.include_router(metrics_router)
     # Sample scene images for the demo storyboard, public: the render server fetches them.
     samples = resources.files("backend") / "samples"
     app.mount("/samples", StaticFiles(directory=str(samples)), name="samples")
 
     # Outermost last: a browser's preflight is answered before the body cap looks at anything.
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    # Outside the body cap, so its 413s are timed too.
+    app.add_middleware(RequestMetrics, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -79,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "HEAD", "POST", "PUT"],
             allow_headers=["Authorization", "Content-Type", "Range"],
         )
+    telemetry.instrument_app(app)
     return app
 
 
