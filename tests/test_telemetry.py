@@ -278,6 +278,14 @@ def _one(spans: list[Span], name: str, service: str | None = None) -> Span:
     return found[0]
 
 
+def _draw(root: Span, spans: list[Span], depth: int = 0) -> str:
+    """The tree under `root`, one span a line: for failure messages."""
+    lines = [f"{'  ' * depth}{root.name} [{root.service}]"]
+    for child in (s for s in spans if s.parent_id == root.span_id):
+        lines.append(_draw(child, spans, depth + 1))
+    return "\n".join(lines)
+
+
 def _ancestors(span: Span, by_id: dict[str, Span]) -> list[str]:
     names = []
     while span.parent_id in by_id:
@@ -301,27 +309,30 @@ async def test_one_trace_follows_a_render_from_the_api_request_to_the_provider_c
     assert roots == [request], [(s.name, s.parent_id) for s in roots]
     assert {s.service for s in trace} == {"storyboard-api", "storyboard-worker"}
 
+    tree = _draw(request, trace)
+    # The request starts the run; the run (in the worker) continues the request's trace.
     start = _one(trace, "SignalWithStartWorkflow:RenderVideo", "storyboard-api")
+    assert start.parent_id == request.span_id, tree
     run = _one(trace, "RunWorkflow:RenderVideo", "storyboard-worker")
-    assert _ancestors(run, by_id)[: len(_ancestors(start, by_id)) + 1] == [
-        start.name,
-        *_ancestors(start, by_id),
-    ]
+    assert run.parent_id == start.span_id, tree
+    # Each scene's child run, under the parent run's start of it.
     scene_runs = [s for s in trace if s.name == "RunWorkflow:RenderScene"]
-    assert len(scene_runs) == traced_render.scenes
+    assert len(scene_runs) == traced_render.scenes, tree
     for scene in scene_runs:
-        assert "StartChildWorkflow:RenderScene" in _ancestors(scene, by_id)
-        assert "RunWorkflow:RenderVideo" in _ancestors(scene, by_id)
+        assert by_id[scene.parent_id].name == "StartChildWorkflow:RenderScene", tree
+        assert by_id[by_id[scene.parent_id].parent_id] is run, tree
 
     names = {s.name for s in trace}
     for activity in ("validate_storyboard", "start_prediction", "download_clip", "record_cost"):
         assert f"RunActivity:{activity}" in names, activity
     # The throttled create is in the trace too: two attempts of one scene's start_prediction.
     creates = [s for s in trace if s.name == "RunActivity:start_prediction"]
-    assert len(creates) == traced_render.scenes + 1
+    assert len(creates) == traced_render.scenes + 1, tree
     for create in creates:
-        assert "RunWorkflow:RenderScene" in _ancestors(create, by_id)
-        assert _ancestors(create, by_id)[-1] == request.name
+        assert _ancestors(create, by_id)[:2] == [
+            "StartActivity:start_prediction",
+            "RunWorkflow:RenderScene",
+        ], tree
 
     # The provider's HTTP calls, made by the worker's httpx clients under the activities.
     def url(span: Span) -> str:
