@@ -16,7 +16,9 @@ from temporalio.worker import Worker
 
 from activities import all_activities
 from activities.callbacks import callback_client
+from backend import telemetry
 from backend.database import JobStore, make_engine
+from backend.logs import configure_logging
 from backend.orchestration import (
     connect,
     ensure_reconcile_schedule,
@@ -105,8 +107,11 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(get_settings()))
+    settings = get_settings()
+    configure_logging(settings.log_format)
+    # Before the client connects: its plugin is only added with tracing on.
+    telemetry.setup_tracing(telemetry.WORKER_SERVICE)
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

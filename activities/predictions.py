@@ -146,6 +146,14 @@ class PredictionActivities:
             raise fatal(
                 f"Prediction {state.id} is already held by another ledger entry", "LedgerConflict"
             )
+        # Each create is billed: one line for it, with the job and run it belongs to.
+        activity.logger.info(
+            "Created prediction %s for job %s (scene %s, take %s)",
+            state.id,
+            input.job_id,
+            input.scene or "all",
+            input.take,
+        )
         return _ref(state, adopted=False, webhook=webhook)
 
     def _webhook_url(self, job_id: int) -> str | None:
@@ -303,6 +311,13 @@ class PredictionActivities:
             return await heartbeating(call)
         except ReplicateError as exc:
             message = f"{refused} (HTTP {exc.status}): {exc.detail or exc.title or 'no reason'}"
+            count_provider_error(
+                "throttled"
+                if exc.status == 429
+                else "unavailable"
+                if is_retryable(exc)
+                else "refused"
+            )
             if exc.status == 429:
                 # Wait as long as the provider says; Temporal's retry policy does the waiting.
                 resets = _RESETS_IN.search(exc.detail or "")
@@ -314,13 +329,29 @@ class PredictionActivities:
                 raise ApplicationError(message, type="ProviderUnavailable") from exc
             raise fatal(message, "BadRequest") from exc
         except httpx.HTTPError as exc:
+            count_provider_error("unreachable")
             raise ApplicationError(
                 f"Could not reach Replicate ({short_reason(exc)})", type="ProviderUnavailable"
             ) from exc
         except TimeoutError as exc:
+            count_provider_error("timeout")
             raise ApplicationError(
                 "Replicate did not answer in time", type="ProviderUnavailable"
             ) from exc
+
+
+def count_provider_error(kind: str) -> None:
+    """`render_video_provider_errors{kind}` on the worker's metrics endpoint (the Temporal
+    runtime's, at WORKER_METRICS_ADDRESS, beside the SDK's metrics and with the activity's
+    labels): throttled (429), unavailable (5xx and other retried statuses), refused (other
+    4xx), unreachable (no answer over HTTP), timeout (a create cut off)."""
+    try:
+        meter = activity.metric_meter()
+    except RuntimeError:  # not in an activity (a direct call, as some tests make)
+        return
+    meter.create_counter(
+        "render_video_provider_errors", "Failed calls to the provider's API, by kind"
+    ).add(1, {"kind": kind})
 
 
 def _ref(state: PredictionState, *, adopted: bool, webhook: bool) -> PredictionRef:

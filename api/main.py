@@ -17,12 +17,16 @@ from fastapi_offline import FastAPIOffline
 from api.errors import install_error_handlers
 from api.idempotency import Idempotency, document_idempotency
 from api.limits import BodyLimit
+from api.metrics import ApiMetrics, RequestMetrics
+from api.metrics import router as metrics_router
 from api.reads import JobReads, KeyReads, ProgressCache
 from api.routes import health, jobs, tenant, videos, webhooks
 from api.views import VideoSigner
+from backend import telemetry
 from backend.auth import KeyStore, url_signing_key
 from backend.database import JobStore, make_engine
 from backend.idempotency import IdempotencyStore
+from backend.logs import configure_logging
 from backend.orchestration import connect
 from backend.provider import ProviderClient
 from backend.settings import Settings, get_settings
@@ -30,6 +34,12 @@ from backend.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if settings.log_format == "json":
+        # Text stays as uvicorn (or whoever runs the app) set it up.
+        configure_logging("json")
+    # Once per process, and only when the OTEL_* variables ask for an exporter.
+    telemetry.setup_tracing(telemetry.API_SERVICE)
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.store = JobStore(engine)
         app.state.idempotency = IdempotencyStore(engine)
+        metrics.jobs.read = app.state.store.count_by_status
         app.state.temporal = await connect(settings, lazy=True)
         app.state.provider = ProviderClient(settings)
         app.state.webhook_secret = settings.replicate_webhook_secret
@@ -56,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             gc.unfreeze()
             engine.dispose()
+            telemetry.flush()
 
     # The docs' Swagger UI and ReDoc assets are served by the API itself (fastapi-offline), so
     # /docs works with no network, as everything else here does.
@@ -67,9 +79,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "path but `/healthz`, the webhook receiver and the sample images needs an API key: "
         "`Authorization: Bearer <key>` (`render-video keys create --tenant NAME`).",
     )
+    app.state.metrics = metrics
     install_error_handlers(app)
     for module in (jobs, tenant, videos, webhooks, health):
         app.include_router(module.router)
+    app.include_router(metrics_router)
     # Sample scene images for the demo storyboard, public: the render server fetches them.
     samples = resources.files("backend") / "samples"
     app.mount("/samples", StaticFiles(directory=str(samples)), name="samples")
@@ -80,6 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # and a body is capped before the idempotency keys buffer it.
     app.add_middleware(Idempotency)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    # Outside the body cap, so its 413s are timed too.
+    app.add_middleware(RequestMetrics, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -88,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Range", "Idempotency-Key"],
             expose_headers=["Idempotent-Replayed"],
         )
+    telemetry.instrument_app(app)
     return app
 
 

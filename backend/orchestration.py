@@ -38,6 +38,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 
+from backend import telemetry
 from backend.database import ACTIVE, FINISHED, JobConflict, JobStatus, JobStore
 from backend.provider import ProviderClient
 from backend.reconcile import repair_job
@@ -71,11 +72,14 @@ async def connect(
     settings: Settings, *, lazy: bool = False, runtime: Runtime | None = None
 ) -> Client:
     # lazy: the API should come up and serve reads even while Temporal is still starting.
+    # With tracing on, the plugin carries the trace through every start, signal and activity
+    # (and into the workers made from this client).
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         lazy=lazy,
         runtime=runtime,
+        plugins=telemetry.temporal_plugins(),
     )
 
 

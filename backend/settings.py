@@ -6,7 +6,7 @@ import json
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -120,6 +120,15 @@ class Settings(BaseSettings):
     # On SIGTERM a worker takes no new tasks and gives the ones it holds this long to finish.
     worker_shutdown_grace_seconds: float = Field(default=30.0, ge=0)
 
+    # Observability (traces are configured by the standard OTEL_* variables, see
+    # backend/telemetry.py). Log lines as text for people or JSON objects for a pipeline.
+    log_format: Literal["text", "json"] = "text"
+    # The API's /metrics: with a token, it takes `Authorization: Bearer <METRICS_TOKEN>`;
+    # without one it is public only if METRICS_PUBLIC says so, and off (404) otherwise. It
+    # shows every tenant's job counts, so it is not for tenants' keys.
+    metrics_token: str | None = Field(default=None, min_length=16)
+    metrics_public: bool = False
+
     # The safety net: a Temporal Schedule runs ReconcileJobs this often (0: no schedule), and
     # it repairs jobs whose run closed but whose status was not changed for this long.
     reconcile_interval_seconds: float = Field(default=60.0, ge=0)
@@ -155,6 +164,17 @@ class Settings(BaseSettings):
         if not (owner and slash and model) or "/" in model or (":" in value and not version):
             raise ValueError("REPLICATE_MODEL must be 'owner/name' or 'owner/name:version'")
         return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _no_empty_token(cls, value: Any) -> Any:
+        # METRICS_TOKEN= (empty, as compose passes an unset variable) means no token.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("model_profiles_file", mode="before")
     @classmethod

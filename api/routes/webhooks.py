@@ -21,6 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import ProgressDep, SettingsDep, StoreDep, TemporalDep
 from api.errors import ApiError, Unavailable, error_responses
+from api.metrics import count_webhook
 from api.models import (
     PredictionBody,
     WebhookAnswer,
@@ -110,20 +111,31 @@ async def replicate_webhook(
         # The sender went away mid-body: nobody reads this answer, but nothing is logged as
         # a server error either.
         raise NotAPrediction("The webhook's body did not arrive in full") from None
-    secret = await _webhook_secret(request.app, settings)
-    _verify(dict(request.headers), raw, secret, settings.webhook_tolerance_seconds)
+    try:
+        secret = await _webhook_secret(request.app, settings)
+        _verify(dict(request.headers), raw, secret, settings.webhook_tolerance_seconds)
+    except WebhookRejected:
+        count_webhook(request, "rejected")
+        raise
+    except Unavailable:
+        count_webhook(request, "unavailable")
+        raise
     webhook_id = request.headers["webhook-id"]
     try:
         state = PredictionState.from_json(json.loads(raw))
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        count_webhook(request, "malformed")
         raise NotAPrediction(f"Webhook body is not a prediction: {_reason(exc)}") from None
     if state.status not in TERMINAL:
         # Only the final event matters to a run; earlier ones are acknowledged.
+        count_webhook(request, "ignored")
         return WebhookIgnored(status="ignored", prediction_status=state.status)
     if await asyncio.to_thread(store.seen_webhook, webhook_id, state.id):
+        count_webhook(request, "duplicate")
         return WebhookDuplicate(status="duplicate", webhook_id=webhook_id, prediction_id=state.id)
     owner = await asyncio.to_thread(store.prediction_owner, state.id)
     if owner is None:
+        count_webhook(request, "unknown")
         raise UnknownPrediction(f"No job knows prediction {state.id}")
     handle = temporal.get_workflow_handle(owner.workflow_id)
     # The run reads the outcome from the provider itself: the signal only says "look now".
@@ -135,11 +147,14 @@ async def replicate_webhook(
     except RPCError as exc:
         if exc.status != RPCStatusCode.NOT_FOUND:
             log.warning("Could not relay webhook %s: %s", webhook_id, exc)
+            count_webhook(request, "unavailable")
             raise Unavailable("Temporal is unavailable; retry the webhook") from None
         outcome = "run_closed"  # a late webhook after the run ended: nothing to do
     except RuntimeError:
+        count_webhook(request, "unavailable")
         raise Unavailable("Temporal is unavailable; retry the webhook") from None
     await asyncio.to_thread(store.remember_webhook, webhook_id, state.id)
+    count_webhook(request, outcome)
     return WebhookRelayed(status=outcome, job_id=owner.job_id, prediction_id=state.id)
 
 
