@@ -97,8 +97,10 @@ async def test_a_completed_job_sends_one_signed_event_with_its_metadata(
     assert data["duration_seconds"] == 2.0
     assert data["video_url"] == f"/api/videos/{view['job_id']}/data"
     assert data["poster_url"] == f"/api/videos/{view['job_id']}/poster.jpg"
-    # The view lists the delivery.
-    after = (await callers.api.get(f"/api/v2/jobs/{view['job_id']}")).json()
+    # The view lists the delivery (recorded once the callback has answered).
+    after = await eventually(
+        lambda: _delivered(callers, view["job_id"]), what="the delivery in the job's view"
+    )
     assert [(c["event"], c["status_code"], c["delivered"]) for c in after["callbacks"]] == [
         ("completed", 200, True)
     ]
