@@ -13,6 +13,7 @@ and only then (re)writes tests/histories/*.json. It needs no network and takes ~
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import tempfile
 import time
@@ -39,6 +40,8 @@ from workflows.payloads import scene_workflow_id, workflow_id_for  # noqa: E402
 from workflows.render_video import SEARCH_ATTRIBUTES, RenderVideo  # noqa: E402
 
 HISTORIES_DIR = TESTS_DIR / "histories"
+# The workflow id each saved history ran under.
+WORKFLOW_IDS = "workflow-ids.txt"
 # Generous: every run here takes a few seconds; a hang must still end the script.
 RUN_TIMEOUT_SECONDS = 60.0
 
@@ -242,6 +245,9 @@ def main() -> None:
         path = HISTORIES_DIR / f"{item.name}.json"
         path.write_text(item.history.to_json() + "\n", encoding="utf-8")
         print(f"wrote {path.relative_to(REPO_ROOT)} ({len(item.history.events)} events)")
+    # A run derives its scenes' ids from its own: replay needs the id it ran under.
+    ids = {item.name: item.history.workflow_id for item in recorded}
+    (HISTORIES_DIR / WORKFLOW_IDS).write_text(json.dumps(ids, indent=2) + "\n")
     print(f"recorded {len(recorded)} histories in {time.monotonic() - started:.1f} s")
 
 

@@ -314,7 +314,12 @@ def assert_clean_video(stack: Stack, job_id: int, seconds: float) -> None:
     """final.mp4 is a whole, decodable H.264 file, and no partial download is left."""
     assert partial_files(stack, job_id) == []
     folder = stack.settings.video_dir(job_id)
-    assert sorted(path.name for path in folder.iterdir()) == ["final.mp4", "scenes"]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "final.mp4",
+        "poster.jpg",
+        "preview.mp4",
+        "scenes",
+    ]
     # Only verified clips are kept: nothing partial, unverified or half-stitched.
     clips = sorted(path.name for path in stack.settings.scenes_dir(job_id).iterdir())
     assert clips and not any(name.startswith(".") for name in clips), clips

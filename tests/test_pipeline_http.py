@@ -20,6 +20,7 @@ JOB_STEPS = [
     "stitch_video",
     "verify_video",
     "publish_video",
+    "make_previews",
     "record_cost",
 ]
 # A scene's run: create, wait (here by polling), download, check, each step recorded.

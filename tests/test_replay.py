@@ -10,6 +10,7 @@ if old runs may still be open (see "Changing the workflow safely" in the README)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -84,8 +85,9 @@ SAVED_RUNS = [
 def load_history(name: str) -> WorkflowHistory:
     path = HISTORIES_DIR / f"{name}.json"
     assert path.is_file(), f"{path} is missing; {REFRESH_HINT}"
-    # The workflow never reads its own id, so the file's name serves for replay.
-    return WorkflowHistory.from_json(f"render-video-{name}", path.read_text(encoding="utf-8"))
+    # The id it ran under: a job's run names its scenes' runs after its own.
+    workflow_id = json.loads((HISTORIES_DIR / "workflow-ids.txt").read_text())[name]
+    return WorkflowHistory.from_json(workflow_id, path.read_text(encoding="utf-8"))
 
 
 def activity_names(history: WorkflowHistory) -> list[str]:

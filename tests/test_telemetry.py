@@ -173,10 +173,13 @@ async def traced_render(
     temporal_env: WorkflowEnvironment,
     render_server: RunningServer,
     tmp_path_factory: pytest.TempPathFactory,
+    jobs_db: str,
 ) -> AsyncIterator[TracedRender]:
     render_server.reset()
     data = tmp_path_factory.mktemp("traced")
-    database_url = f"sqlite:///{data / 'jobs.db'}"
+    # The session's job store: its job ids (so workflow ids) are unique on the session's
+    # Temporal server.
+    database_url = jobs_db
     api_port, worker_metrics_port = _free_port(), _free_port()
     api_url = f"http://127.0.0.1:{api_port}"
     with OtlpReceiver() as receiver:
