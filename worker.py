@@ -26,6 +26,7 @@ from backend.orchestration import (
     metrics_runtime,
 )
 from backend.provider import ProviderClient
+from backend.schema import StoreNotReady
 from backend.settings import Settings, get_settings
 from workflows.deliver_event import DeliverJobEvent
 from workflows.reconcile import ReconcileJobs
@@ -52,14 +53,17 @@ def download_client() -> httpx.AsyncClient:
 
 
 @asynccontextmanager
-async def running_worker(client: Client, settings: Settings) -> AsyncIterator[Worker]:
+async def running_worker(
+    client: Client, settings: Settings, store: JobStore | None = None
+) -> AsyncIterator[Worker]:
     """A started worker with real activities; shut down gracefully on exit.
 
     Two pollers: the render queue (workflows and most activities) and the creates queue,
     whose rate limit Temporal holds across every worker polling it, so all of them together
-    stay under the provider's limit on creates.
+    stay under the provider's limit on creates. Without `store`, it opens the settings' one,
+    which must be at this release's schema (StoreBehind otherwise).
     """
-    store = JobStore(make_engine(settings.resolved_database_url))
+    store = store or JobStore(make_engine(settings.resolved_database_url))
     async with download_client() as http, callback_client() as callbacks:
         activities = all_activities(
             store, ProviderClient(settings), settings, http, client, callbacks
@@ -93,9 +97,11 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # The store first: a store that is behind stops the worker before it takes any task.
+    store = JobStore(make_engine(settings.resolved_database_url))
     client = await connect(settings, runtime=metrics_runtime(settings))
     await ensure_search_attributes(client, settings)
-    async with running_worker(client, settings):
+    async with running_worker(client, settings, store):
         log.info(
             "worker running on task queue %r at %s", settings.task_queue, settings.temporal_address
         )
@@ -111,7 +117,11 @@ def main() -> None:
     configure_logging(settings.log_format)
     # Before the client connects: its plugin is only added with tracing on.
     telemetry.setup_tracing(telemetry.WORKER_SERVICE)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StoreNotReady as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

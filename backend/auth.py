@@ -5,7 +5,8 @@ random bits, and the row keeps only the SHA-256 of the whole key (a fast hash is
 random secret of that size; there is nothing to guess from a dictionary). Revoking a key takes
 effect on the next request: every request looks its key up, nothing caches a valid one.
 
-The table shares `SQLModel.metadata` with the job store, so `make_engine` creates it.
+The table shares `SQLModel.metadata` with the job store: `make_engine` creates it in a new store,
+migration 0006 in an older one.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`render-video`: run the whole local stack, render the sample storyboard through it, or
-manage the API's keys."""
+"""`render-video`: run the whole local stack, render the sample storyboard through it, migrate
+the job store, or manage the API's keys."""
 
 from __future__ import annotations
 
@@ -21,9 +21,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from backend.auth import KeyStore, dev_api_key
 from backend.callbacks import CallbackRefused, check_callback_url
-from backend.database import JobStore, make_engine
+from backend.database import JobStore, make_engine, migrate_store, store_status
+from backend.schema import (
+    UPGRADE_COMMAND,
+    Migration,
+    StoreBehind,
+    StoreNotReady,
+    describe,
+    safe_url,
+)
 from backend.settings import Settings, get_settings
 
 
@@ -38,6 +48,70 @@ def default_job_store(settings: Settings) -> JobStore:
 def local_key(settings: Settings) -> str:
     """The dev stack's key, kept in DATA_DIR/dev-api-key (made or renewed as needed)."""
     return dev_api_key(settings, key_store(settings))
+
+
+def migration_report(url: str, done: Migration) -> list[str]:
+    """What `migrate` found and did, in lines to print."""
+    store = f"the job store at {safe_url(url)}"
+    if done.created:
+        return [f"Created {store} (it was empty) at revision {describe(done.after)}"]
+    if not done.applied and done.stamped:
+        return [f"Nothing to do: {store} is at revision {describe(done.after)}, this release's"]
+    lines = []
+    if not done.stamped:
+        lines.append(
+            f"Stamped {store} at revision {done.before}: it had no alembic_version (an earlier "
+            f"release made it) and the tables of revision {describe(done.before)}"
+        )
+    lines.append(f"Migrated {store} from revision {done.before} to {done.after}:")
+    lines += [f"  {describe(revision)}" for revision in done.applied]
+    return lines
+
+
+def cmd_migrate(settings: Settings, check: bool) -> int:
+    url = settings.resolved_database_url
+    if check:
+        return _check(url)
+    try:
+        done = migrate_store(url)
+    except StoreNotReady as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print("\n".join(migration_report(url, done)), flush=True)
+    return 0
+
+
+def _check(url: str) -> int:
+    """0: the store is at this release's revision; 1: `migrate` has work to do; 2: this
+    release cannot use the store (a newer release's, or one it does not recognise)."""
+    database = make_url(url).database
+    if make_url(url).get_backend_name() == "sqlite" and database and database != ":memory:":
+        if not Path(database).exists():
+            print(f"No job store at {safe_url(url)} yet: run `{UPGRADE_COMMAND}`")
+            return 1
+    try:
+        state, head = store_status(url)
+    except StoreNotReady as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if state.revision is None:
+        print(f"The job store at {safe_url(url)} has no tables: run `{UPGRADE_COMMAND}`")
+        return 1
+    if state.revision != head or not state.stamped:
+        current = state.revision if state.stamped else f"{state.revision} (unstamped)"
+        print(StoreBehind(safe_url(url), current, head))
+        return 1
+    print(f"The job store at {safe_url(url)} is at revision {describe(head)}, this release's")
+    return 0
+
+
+def prepare_local_store(settings: Settings) -> None:
+    """`dev` and `demo` own their store: they bring it to this release's schema themselves
+    before their children (which only check it) start."""
+    url = settings.resolved_database_url
+    done = migrate_store(url)
+    if done.changed and not done.created:
+        print("\n".join(migration_report(url, done)), flush=True)
 
 
 def temporal_binary() -> str:
@@ -283,6 +357,7 @@ def running_stack(settings: Settings, *, quiet: bool = False) -> Iterator[Stack]
 
 def cmd_dev(settings: Settings) -> int:
     print("Starting the local stack (Ctrl-C stops it)...", flush=True)
+    prepare_local_store(settings)
     key = local_key(settings)
     try:
         with running_stack(settings) as stack:
@@ -459,6 +534,7 @@ def cmd_demo(settings: Settings) -> int:
         print(f"Using the stack already running at {base}", flush=True)
         return run_demo(settings)
     print("Starting the local stack for the demo (logs in DATA_DIR/logs)...", flush=True)
+    prepare_local_store(settings)
     with running_stack(settings, quiet=True) as stack:
         return run_demo(settings, stack)
 
@@ -548,21 +624,37 @@ def main(argv: list[str] | None = None) -> int:
     set_.add_argument(
         "--spend-cap", type=float, help="dollars per TENANT_SPEND_PERIOD_DAYS (0: the setting)"
     )
+    migrate = sub.add_parser(
+        "migrate",
+        help="bring the job store (DATABASE_URL) to this release's schema; prints what it did",
+    )
+    migrate.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 0 if the store is up to date, 1 if it needs `migrate`, "
+        "2 if this release cannot use it",
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    if args.command == "keys":
-        return cmd_keys(settings, args)
-    if args.command == "tenants":
-        return cmd_tenants(settings, args)
-    if args.command == "dev":
-        return cmd_dev(settings)
+    if args.command == "migrate":
+        return cmd_migrate(settings, args.check)
     try:
-        return cmd_demo(settings)
-    except KeyboardInterrupt:
-        return 130
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"Demo failed: {exc}", file=sys.stderr)
+        if args.command == "keys":
+            return cmd_keys(settings, args)
+        if args.command == "tenants":
+            return cmd_tenants(settings, args)
+        if args.command == "dev":
+            return cmd_dev(settings)
+        try:
+            return cmd_demo(settings)
+        except KeyboardInterrupt:
+            return 130
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"Demo failed: {exc}", file=sys.stderr)
+            return 1
+    except StoreNotReady as exc:
+        print(exc, file=sys.stderr)
         return 1
 
 

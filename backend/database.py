@@ -35,19 +35,19 @@ from sqlalchemy import (
     cast,
     event,
     false,
-    inspect,
     or_,
     text,
 )
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine, Row, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
 # Imported for its table: api_keys is part of the store's schema.
 from backend import auth as _auth  # noqa: F401
 from backend.auth import DEFAULT_TENANT
+from backend.schema import Migration, StoreState, check_store, prepare_store
 from backend.settings import get_settings
 from backend.storyboard import NO_STORYBOARD, Storyboard
 from workflows.payloads import workflow_id_for
@@ -274,9 +274,47 @@ class JobConflict(RuntimeError):
     """The job is in a state that does not allow the request."""
 
 
-def make_engine(url: str, *, lock_timeout: float = 30.0) -> Engine:
-    """lock_timeout: how long a SQLite connection waits for another's lock before it fails
+def make_engine(url: str, *, lock_timeout: float = 30.0, upgrade: bool = False) -> Engine:
+    """An engine on a job store that is ready for this release's models.
+
+    A new, empty database is created at the newest revision. A store already there is used as
+    it is. A store that is behind (an older release's, with or without `alembic_version`) is
+    upgraded in place when `upgrade` is True (`render-video migrate`, and `dev`/`demo`, which
+    own their local store) and refused otherwise with `StoreBehind`, whose message names
+    `render-video migrate`: the API and the worker never change a shared store's schema.
+    Raises StoreNotReady for a store a newer release migrated or one that matches no release.
+
+    lock_timeout: how long a SQLite connection waits for another's lock before it fails
     with "database is locked" (the API waits less than the worker: its client can retry)."""
+    engine = _engine(url, lock_timeout)
+    try:
+        prepare_store(engine, SQLModel.metadata, upgrade=upgrade, lock_timeout=lock_timeout)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+def migrate_store(url: str) -> Migration:
+    """Brings the store at `url` to this release's revision (creating it if it is empty) and
+    says what it found and did: `render-video migrate`."""
+    engine = _engine(url, 30.0)
+    try:
+        return prepare_store(engine, SQLModel.metadata, upgrade=True)
+    finally:
+        engine.dispose()
+
+
+def store_status(url: str) -> tuple[StoreState, str]:
+    """The store's revision and this release's head, changing nothing."""
+    engine = _engine(url, 30.0)
+    try:
+        return check_store(engine)
+    finally:
+        engine.dispose()
+
+
+def _engine(url: str, lock_timeout: float) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -294,67 +332,8 @@ def make_engine(url: str, *, lock_timeout: float = 30.0) -> Engine:
             cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
             cursor.close()
 
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    _create_schema(engine)
-    return engine
-
-
-def _create_schema(engine: Engine) -> None:
-    # The API and the worker start together on a fresh database: both check for a table,
-    # both try to create it, and one loses. The loser's second look finds it in place.
-    for attempt in range(3):
-        try:
-            SQLModel.metadata.create_all(engine)
-            _add_missing_columns(engine)
-            _add_missing_indexes(engine)
-            return
-        except (OperationalError, ProgrammingError, IntegrityError):
-            if attempt == 2:
-                raise
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    # create_all never alters a table: a job store made by an older release lacks the
-    # columns added since. All of them are nullable or have a server default.
-    inspector = inspect(engine)
-    with engine.begin() as conn:
-        for table in SQLModel.metadata.sorted_tables:
-            present = {col["name"] for col in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                kind = column.type.compile(dialect=engine.dialect)
-                default = ""
-                if column.server_default is not None:
-                    value = column.server_default.arg  # type: ignore[attr-defined]
-                    compiled = value if isinstance(value, str) else value.compile(engine)
-                    default = f" NOT NULL DEFAULT {compiled}"
-                conn.execute(
-                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}')
-                )
-
-
-def _add_missing_indexes(engine: Engine) -> None:
-    # create_all makes indexes only with their tables. A store from an older release may hold
-    # several open intents for one input (each retry wrote its own): the newest stands, the
-    # older ones are closed, so the one-open-intent index can be made.
-    inspector = inspect(engine)
-    for table in SQLModel.metadata.sorted_tables:
-        present = {index["name"] for index in inspector.get_indexes(table.name)}
-        for index in table.indexes:
-            if index.name in present:
-                continue
-            with engine.begin() as conn:
-                if index.name == "uq_prediction_ledger_open_intent":
-                    conn.execute(
-                        text(
-                            "UPDATE prediction_ledger SET state = 'abandoned' "
-                            "WHERE state = 'intent' AND id NOT IN (SELECT MAX(id) FROM "
-                            "prediction_ledger WHERE state = 'intent' GROUP BY input_digest)"
-                        )
-                    )
-                index.create(conn, checkfirst=True)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
 
 
 def _utc_iso(moment: datetime) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psycopg
@@ -90,9 +91,9 @@ async def stack(
         yield value
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for the session, dropped afterwards."""
+@contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped on exit."""
     url = make_url(POSTGRES_URL)
     name = f"renderer_test_{uuid.uuid4().hex[:8]}"
     admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -103,6 +104,21 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the session, dropped afterwards."""
+    with throwaway_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def new_postgres_url() -> Iterator[Callable[[], str]]:
+    """Makes new, empty PostgreSQL databases for one test (a store's whole life, migrations
+    and all), each dropped after the test."""
+    with ExitStack() as made:
+        yield lambda: made.enter_context(throwaway_postgres())
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -437,6 +437,10 @@ def test_image_install_step_builds_a_complete_wheel(tmp_path: Path) -> None:
         scripts = archive.read(entry_points).decode()
     assert {"worker.py", "api/main.py", "backend/cli.py", "local_replicate/__main__.py"} <= names
     assert "backend/samples/scene-1.jpg" in names
+    # `render-video migrate` in the image runs the packaged migrations.
+    assert {"backend/migrations/env.py", "backend/migrations/script.py.mako"} <= names
+    revisions = sorted(p.name for p in (ROOT / "backend/migrations/versions").glob("0*.py"))
+    assert revisions and {f"backend/migrations/versions/{name}" for name in revisions} <= names
     for package in wanted_packages:
         assert f"{package}/__init__.py" in names
     assert re.search(r"^render-video = backend\.cli:main$", scripts, re.M)

@@ -320,32 +320,3 @@ async def test_cost_over_the_budget_is_recorded_and_flagged(bench: Bench) -> Non
     assert job["progress"]["message"] == (
         "Video ready; it cost $1.02, over the job's budget of $0.50"
     )
-
-
-def test_an_older_job_store_gains_the_new_columns(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    old = sqlalchemy.create_engine(url)
-    with old.begin() as conn:
-        conn.execute(
-            sqlalchemy.text(
-                "CREATE TABLE video_jobs (id INTEGER PRIMARY KEY, status VARCHAR(16) NOT NULL, "
-                "approved BOOLEAN NOT NULL, storyboard_data TEXT, video_url VARCHAR, "
-                "actual_cost NUMERIC(12, 2), current_stage VARCHAR NOT NULL, "
-                "progress_message VARCHAR NOT NULL, scenes_total INTEGER NOT NULL, "
-                "scenes_completed INTEGER NOT NULL, error_message TEXT, "
-                "download_retries INTEGER NOT NULL, prediction_id VARCHAR(128), "
-                "workflow_id VARCHAR(128), created_at DATETIME NOT NULL, "
-                "updated_at DATETIME NOT NULL)"
-            )
-        )
-        conn.execute(
-            sqlalchemy.text(
-                "INSERT INTO video_jobs VALUES (7, 'completed', 1, '{\"scenes\": []}', "
-                "'/api/videos/7/data', 2.03, 'completed', 'Video ready', 5, 5, NULL, 0, "
-                "'p1', 'render-video-7', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
-            )
-        )
-    store = JobStore(make_engine(url))
-    job = store.get(7)
-    assert job["actual_cost"] == 2.03 and job["over_budget"] is False and job["max_cost"] is None
-    assert store.create(max_cost=Decimal("3.00")) == 8

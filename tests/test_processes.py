@@ -13,6 +13,7 @@ from pathlib import Path
 
 import av
 import httpx
+from legacy_stores import make_first_release_store
 from temporalio.testing import WorkflowEnvironment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +91,9 @@ def test_demo_renders_the_sample_storyboard(tmp_path: Path) -> None:
 
 def test_dev_runs_the_stack_and_stops_every_child_on_sigterm(tmp_path: Path) -> None:
     env = stack_env(tmp_path)
+    # An old DATA dir: the first release's job store, with its jobs. `dev` migrates it itself.
+    (tmp_path / "DATA").mkdir()
+    make_first_release_store(f"sqlite:///{tmp_path / 'DATA' / 'jobs.db'}")
     ports = [
         int(env["API_PORT"]),
         int(env["LOCAL_RENDER_PORT"]),
@@ -104,7 +108,9 @@ def test_dev_runs_the_stack_and_stops_every_child_on_sigterm(tmp_path: Path) -> 
         assert proc.stdout is not None
         ready = False
         key = None
+        said = []
         for line in proc.stdout:
+            said.append(line)
             ready = ready or line.startswith("API:")
             if line.startswith("API key:"):
                 key = line.split()[2]
@@ -117,6 +123,10 @@ def test_dev_runs_the_stack_and_stops_every_child_on_sigterm(tmp_path: Path) -> 
         auth = {"Authorization": f"Bearer {key}"}
         assert httpx.get(f"{base}/api/v2/jobs/999", headers=auth, timeout=5).status_code == 404
         assert httpx.get(f"{base}/api/v2/jobs/999", timeout=5).status_code == 401
+        assert any(line.startswith("Migrated the job store at sqlite:///") for line in said)
+        old = httpx.get(f"{base}/api/v2/jobs/1", headers=auth, timeout=5)
+        assert old.status_code == 200, old.text
+        assert (old.json()["status"], old.json()["actual_cost"]) == ("completed", 1.01)
         kept = tmp_path / "DATA" / "dev-api-key"
         assert kept.read_text().strip() == key
         assert kept.stat().st_mode & 0o777 == 0o600
