@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # With no REPLICATE_API_TOKEN the embedded local render server stands in for Replicate;
@@ -43,10 +43,17 @@ class Settings(BaseSettings):
 
     temporal_address: str = "127.0.0.1:7233"
     # Put before every workflow id (and the reconcile schedule's), so two deployments can
-    # share one Temporal namespace; give them different TASK_QUEUEs too.
+    # share one Temporal namespace. The task queue gets it too: a worker that took the other
+    # deployment's tasks would run them against the wrong job store.
     workflow_id_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,50}$")
     temporal_namespace: str = "default"
     task_queue: str = "render-video"
+
+    @model_validator(mode="after")
+    def _prefix_the_task_queue(self) -> Settings:
+        if self.workflow_id_prefix and not self.task_queue.startswith(self.workflow_id_prefix):
+            self.task_queue = self.workflow_id_prefix + self.task_queue
+        return self
 
     replicate_api_token: str | None = None
     replicate_base_url: str | None = Field(

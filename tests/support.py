@@ -21,6 +21,7 @@ from backend.settings import Settings
 from local_replicate.testing import RunningServer
 from local_replicate.threaded import UvicornThread
 from worker import running_worker
+from workflows.payloads import workflow_id_for
 
 
 def make_settings(data_dir: Path, temporal_address: str, provider: str, **extra: Any) -> Settings:
@@ -101,7 +102,9 @@ class Stack:
         ]
 
     async def wait_closed(self, job_id: int) -> dict[str, Any]:
-        handle = self.temporal.get_workflow_handle(f"render-video-{job_id}")
+        handle = self.temporal.get_workflow_handle(
+            workflow_id_for(job_id, self.settings.workflow_id_prefix)
+        )
         try:
             await handle.result()
         except Exception:  # noqa: BLE001 - the job row tells the outcome

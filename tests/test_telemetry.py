@@ -135,6 +135,7 @@ class TracedRender:
     worker_metrics: str
     worker_log: list[str]
     api_log: list[str]
+    prefix: str
     scenes: int = 2
 
 
@@ -173,14 +174,14 @@ async def traced_render(
     temporal_env: WorkflowEnvironment,
     render_server: RunningServer,
     tmp_path_factory: pytest.TempPathFactory,
-    jobs_db: str,
 ) -> AsyncIterator[TracedRender]:
     render_server.reset()
     data = tmp_path_factory.mktemp("traced")
-    # The session's job store: its job ids (so workflow ids) are unique on the session's
-    # Temporal server.
-    database_url = jobs_db
+    # A job store of its own, so the jobs gauge counts this render alone; its job ids repeat
+    # other tests' on the session's Temporal server, which WORKFLOW_ID_PREFIX keeps apart.
+    database_url = f"sqlite:///{data / 'jobs.db'}"
     api_port, worker_metrics_port = _free_port(), _free_port()
+    prefix = f"traced-{api_port}-"
     api_url = f"http://127.0.0.1:{api_port}"
     with OtlpReceiver() as receiver:
         env = _process_env(
@@ -188,7 +189,7 @@ async def traced_render(
                 "DATA_DIR": str(data),
                 "DATABASE_URL": database_url,
                 "TEMPORAL_ADDRESS": temporal_env.client.service_client.config.target_host,
-                "TASK_QUEUE": f"traced-{api_port}",
+                "WORKFLOW_ID_PREFIX": prefix,
                 "REPLICATE_BASE_URL": render_server.base_url,
                 "REPLICATE_MODEL": "local/i2v",
                 "REPLICATE_WEBHOOK_SECRET": render_server.webhook_secret,
@@ -246,7 +247,7 @@ async def traced_render(
                 job_id = created.json()["job_id"]
                 approved = await client.post(f"/api/v2/jobs/{job_id}/approve")
                 assert approved.status_code == 200, approved.text
-                handle = temporal_env.client.get_workflow_handle(f"render-video-{job_id}")
+                handle = temporal_env.client.get_workflow_handle(f"{prefix}render-video-{job_id}")
                 async with asyncio.timeout(120):
                     await handle.result()
                 job = (await client.get(f"/api/v2/jobs/{job_id}")).json()
@@ -272,6 +273,7 @@ async def traced_render(
             worker_metrics=worker_metrics.text,
             worker_log=worker_log.read_text().splitlines(),
             api_log=api_log.read_text().splitlines(),
+            prefix=prefix,
         )
 
 
@@ -406,7 +408,9 @@ async def test_worker_and_api_log_json_lines_with_job_workflow_and_trace(
     assert len(created) == traced_render.scenes
     for line in activity_lines:
         assert line["job_id"] == job_id, line
-        assert line["workflow_id"].startswith(f"render-video-{job_id}-scene-"), line
+        assert line["workflow_id"].startswith(
+            f"{traced_render.prefix}render-video-{job_id}-scene-"
+        ), line
         assert "({" not in line["message"], "Temporal's details are fields, not message text"
     # Lines the activities log carry the render's trace, and the activity's span.
     approve = _one(traced_render.spans, "POST /api/v2/jobs/{job_id}/approve")
