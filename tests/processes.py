@@ -1,0 +1,194 @@
+"""Real processes for the tests: workers, API servers and a restartable Temporal dev server as
+subprocesses whose output lands in a log file, and the waits that go with them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from backend.cli import temporal_binary
+from backend.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment `python -m worker` (or the API) needs to join this test's stack, plus
+    `extra` settings.
+
+    Every inherited variable that names a setting is dropped first (REPLICATE_API_TOKEN would
+    send the worker to the real Replicate, PUBLIC_BASE_URL would switch on webhooks).
+    """
+    names = {name.upper() for name in Settings.model_fields}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.upper().startswith("REPLICATE_") and key.upper() not in names
+    }
+    env.update(
+        TEMPORAL_ADDRESS=settings.temporal_address,
+        TASK_QUEUE=settings.task_queue,
+        DATABASE_URL=settings.resolved_database_url,
+        DATA_DIR=str(settings.data_dir),
+        REPLICATE_BASE_URL=settings.provider_base_url,
+        POLL_INTERVAL_SECONDS=str(settings.poll_interval_seconds),
+        REPLICATE_MODEL=settings.replicate_model,
+        RECONCILE_INTERVAL_SECONDS=str(settings.reconcile_interval_seconds),
+        PYTHONUNBUFFERED="1",
+    )
+    if settings.public_base_url:
+        env["PUBLIC_BASE_URL"] = settings.public_base_url
+    if settings.model_extra_input:
+        env["MODEL_EXTRA_INPUT"] = json.dumps(settings.model_extra_input)
+    env.update(extra)
+    return env
+
+
+class LoggedProcess:
+    """A subprocess whose output goes to a file in the test's directory (printed on teardown,
+    so pytest shows it when a test fails)."""
+
+    def __init__(self, name: str, args: list[str], log: Path, cwd: Path, env: dict[str, str]):
+        self.name = name
+        self.args = args
+        self.log = log
+        self.cwd = cwd
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.args, cwd=self.cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook, no graceful drain, no cleanup of any kind."""
+        assert self.proc is not None and self.alive, f"{self.name} is not running"
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or not self.alive:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class Workers:
+    """Worker subprocesses for one stack; each `start()` is a fresh `python -m worker`."""
+
+    def __init__(self, settings: Settings, folder: Path, **extra_env: str) -> None:
+        self.settings = settings
+        self.folder = folder
+        self.extra_env = extra_env
+        self.started: list[LoggedProcess] = []
+
+    async def start(self) -> LoggedProcess:
+        n = len(self.started) + 1
+        worker = LoggedProcess(
+            f"worker {n}",
+            [sys.executable, "-m", "worker"],
+            self.folder / f"worker-{n}.log",
+            # Not the repository: a developer's .env there must not configure the worker.
+            cwd=self.folder,
+            env=worker_env(self.settings, **self.extra_env),
+        )
+        worker.start()
+        self.started.append(worker)
+        # Polling starts before this line is logged; waiting for it keeps the kill points
+        # about the render rather than about the interpreter's start-up.
+        await wait_until(
+            lambda: "worker running" in worker.output() or not worker.alive,
+            60,
+            f"{worker.name} to start",
+        )
+        assert worker.alive, f"{worker.name} exited:\n{worker.output()}"
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            worker.stop()
+            print(f"--- {worker.name} log ---\n{worker.output()[-6000:]}")
+
+
+class TemporalDevServer(LoggedProcess):
+    """`temporal server start-dev` persisting to a SQLite file, restartable on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.db_file = folder / "temporal.db"
+        args = [
+            temporal_binary(),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--db-filename",
+            str(self.db_file),
+            "--headless",
+            "--log-level",
+            "warn",
+            "--search-attribute",
+            "JobId=Keyword",
+            "--search-attribute",
+            "RenderStage=Keyword",
+        ]
+        super().__init__("temporal", args, folder / "temporal.log", folder, dict(os.environ))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start_and_wait(self) -> None:
+        self.start()
+        await wait_until(
+            lambda: port_open(self.port) or not self.alive, 60, "the Temporal dev server"
+        )
+        assert self.alive, f"temporal exited:\n{self.output()}"
+
+
+async def wait_until(
+    predicate: Callable[[], Any], within: float, what: str, every: float = 0.05
+) -> Any:
+    """Polls `predicate` until it returns something truthy, and returns that."""
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(every)
