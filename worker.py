@@ -28,6 +28,7 @@ from backend.orchestration import (
 from backend.provider import ProviderClient
 from backend.schema import StoreNotReady
 from backend.settings import Settings, get_settings
+from backend.storage import S3Storage, storage_for
 from workflows.deliver_event import DeliverJobEvent
 from workflows.reconcile import ReconcileJobs
 from workflows.render_scene import RenderScene
@@ -64,9 +65,12 @@ async def running_worker(
     which must be at this release's schema (StoreBehind otherwise).
     """
     store = store or JobStore(make_engine(settings.resolved_database_url))
+    storage = storage_for(settings)
+    if isinstance(storage, S3Storage):
+        storage.clean_scratch()
     async with download_client() as http, callback_client() as callbacks:
         activities = all_activities(
-            store, ProviderClient(settings), settings, http, client, callbacks
+            store, ProviderClient(settings), settings, http, client, callbacks, storage
         )
         creates = [fn for fn in activities if fn.__name__ == "start_prediction"]
         worker = Worker(

@@ -16,6 +16,7 @@ from activities.predictions import PredictionActivities
 from backend.database import JobStore
 from backend.provider import ProviderClient
 from backend.settings import Settings
+from backend.storage import Storage, storage_for
 
 
 def all_activities(
@@ -25,12 +26,15 @@ def all_activities(
     http: httpx.AsyncClient,
     temporal: Client | None = None,
     callbacks: httpx.AsyncClient | None = None,
+    storage: Storage | None = None,
 ) -> list[Callable[..., Any]]:
     """Every activity, for registering on a worker (`callbacks`: the client that calls the
-    callers' endpoints, which follows no redirects)."""
+    callers' endpoints, which follows no redirects; `storage`: where the job's files live,
+    by default the settings' one)."""
+    storage = storage or storage_for(settings)
     return [
-        *JobActivities(store, settings, temporal).all(),
+        *JobActivities(store, settings, temporal, storage).all(),
         *PredictionActivities(store, provider, settings).all(),
-        *MediaActivities(store, provider, settings, http).all(),
+        *MediaActivities(store, provider, settings, http, storage).all(),
         *CallbackActivities(store, settings, callbacks or callback_client()).all(),
     ]

@@ -12,6 +12,7 @@ from typing import Any
 
 from temporalio import activity
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 
 from activities.common import fatal, in_thread, short_reason
 from backend.database import JobStatus, JobStore
@@ -19,6 +20,7 @@ from backend.planning import PlanError, clip_name, plan_units
 from backend.profiles import billed_cost, profile_for
 from backend.reconcile import repair_job, running_workflow_ids
 from backend.settings import Settings
+from backend.storage import Storage, StorageError, scene_key, storage_for, video_key
 from backend.storyboard import NO_STORYBOARD, NOT_APPROVED, Storyboard, StoryboardError
 from workflows.payloads import (
     ApprovalRecorded,
@@ -45,10 +47,17 @@ def video_url_for(job_id: int) -> str:
 class JobActivities:
     """Given the job store and the settings; the reconciler also needs a Temporal client."""
 
-    def __init__(self, store: JobStore, settings: Settings, temporal: Client | None = None) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        settings: Settings,
+        temporal: Client | None = None,
+        storage: Storage | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.temporal = temporal
+        self.storage = storage or storage_for(settings)
         # Fails at worker start, not mid-render, when REPLICATE_MODEL has no profile.
         self.profile = profile_for(settings)
 
@@ -82,8 +91,8 @@ class JobActivities:
         storyboard = await self._storyboard(input.job_id, require_approval=input.require_approval)
         # Before anything is billed: a video that could not be stored would be paid for
         # and lost.
-        await in_thread(self._check_output_writable, input.job_id)
-        units = await in_thread(self._plan, input.job_id, storyboard, input.rerender)
+        await self._check_output_writable(input.job_id)
+        units = await self._plan(input.job_id, storyboard, input.rerender)
         planned = [unit for unit in units if unit.clip is None]
         renders = sum((Decimal(unit.billed_seconds) for unit in planned), Decimal(0))
         job = await in_thread(self.store.get, input.job_id)
@@ -122,19 +131,28 @@ class JobActivities:
                 "StoryboardInvalid",
             )
 
-    def _plan(self, job_id: int, storyboard: Storyboard, rerender: bool) -> list[ScenePlan]:
-        scenes = self.settings.scenes_dir(job_id)
+    async def _plan(self, job_id: int, storyboard: Storyboard, rerender: bool) -> list[ScenePlan]:
+        kept = {key.rsplit("/", 1)[-1] for key in await self._list(scene_key(job_id))}
+        scenes = await in_thread(self.store.scenes, job_id)
         try:
             return plan_units(
                 storyboard,
                 self.profile,
                 self.settings,
-                self.store.scenes(job_id),
-                lambda name: (scenes / name).is_file(),
+                scenes,
+                kept.__contains__,
                 rerender=rerender,
             )
         except PlanError as exc:
             raise fatal(str(exc), "StoryboardInvalid") from exc
+
+    async def _list(self, prefix: str) -> list[str]:
+        try:
+            return await self.storage.list(prefix)
+        except (OSError, StorageError) as exc:
+            raise ApplicationError(
+                f"Could not list the job's files ({short_reason(exc)})", type="StorageError"
+            ) from exc
 
     @activity.defn
     async def plan_render(self, input: RenderPlanInput) -> RenderPlan:
@@ -142,11 +160,11 @@ class JobActivities:
         (every scene with `rerender`), or one for a whole-storyboard model. Scenes whose clip
         is kept count as done."""
         storyboard = await self._storyboard(input.job_id)
-        units = await in_thread(self._plan, input.job_id, storyboard, input.rerender)
+        units = await self._plan(input.job_id, storyboard, input.rerender)
         digests = {number: unit.digest for unit in units for number in unit.covers}
         kept = {number for unit in units if unit.clip for number in unit.covers}
         await in_thread(self.store.plan_scenes, input.job_id, digests, kept)
-        await in_thread(self._drop_stale_clips, input.job_id, units)
+        await self._drop_stale_clips(input.job_id, units)
         todo = sum(1 for unit in units if unit.clip is None)
         await in_thread(
             self.store.progress,
@@ -163,15 +181,16 @@ class JobActivities:
             still_image=self.profile.still_image,
         )
 
-    def _drop_stale_clips(self, job_id: int, units: list[ScenePlan]) -> None:
+    async def _drop_stale_clips(self, job_id: int, units: list[ScenePlan]) -> None:
         # A clip made from an input the storyboard no longer has will never be used again.
         current = {clip_name(unit.number, unit.digest) for unit in units}
-        folder = self.settings.scenes_dir(job_id)
-        if not folder.is_dir():
-            return
-        for path in folder.iterdir():
-            if path.is_file() and not path.name.startswith(".") and path.name not in current:
-                path.unlink(missing_ok=True)
+        for key in await self._list(scene_key(job_id)):
+            name = key.rsplit("/", 1)[-1]
+            if not name.startswith(".") and name not in current:
+                try:
+                    await self.storage.delete(key)
+                except (OSError, StorageError) as exc:
+                    activity.logger.warning("Job %s: could not remove %s: %s", job_id, name, exc)
 
     @activity.defn
     async def record_scene(self, input: RecordSceneInput) -> None:
@@ -187,7 +206,22 @@ class JobActivities:
             prediction_status=input.prediction_status,
         )
 
-    def _check_output_writable(self, job_id: int) -> None:
+    async def _check_output_writable(self, job_id: int) -> None:
+        if self.storage.remote:
+            try:
+                await self.storage.check()
+            except StorageError as exc:
+                if exc.code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId"):
+                    raise fatal(
+                        f"The job's video cannot be stored: {exc}; no prediction was created",
+                        "OutputNotWritable",
+                    ) from exc
+                # Most likely passing (the store is down or slow): tried again, not failed.
+                raise ApplicationError(str(exc), type="StorageError") from exc
+            return
+        await in_thread(self._check_folder_writable, job_id)
+
+    def _check_folder_writable(self, job_id: int) -> None:
         folder = self.settings.video_dir(job_id)
         final = self.settings.video_path(job_id)
         problem = "no prediction was created"
@@ -245,12 +279,36 @@ class JobActivities:
         notes: list[str] = []
         problems: list[str] = []
         if job["status"] != JobStatus.COMPLETED:
-            notes, problems = await in_thread(self._remove_leftovers, input.job_id)
+            if self.storage.remote:
+                notes, problems = await self._remove_stored_leftovers(input.job_id)
+            else:
+                notes, problems = await in_thread(self._remove_leftovers, input.job_id)
         message = input.message
         if problems:
             message += f" (cleanup failed: {'; '.join(problems)})"
         await in_thread(self.store.fail, input.job_id, message, status=status)
         return JobClosed(job_id=input.job_id, status=status, notes=notes + problems)
+
+    async def _remove_stored_leftovers(self, job_id: int) -> tuple[list[str], list[str]]:
+        """`_remove_leftovers` for object storage: the unverified objects (names that start
+        with a dot) go; a partial upload never became an object."""
+        removed: list[str] = []
+        problems: list[str] = []
+        try:
+            keys = [*await self.storage.list(video_key(job_id))]
+            keys += await self.storage.list(scene_key(job_id))
+        except StorageError as exc:
+            return [], [f"could not list the job's files ({short_reason(exc)})"]
+        for key in keys:
+            name = key.rsplit("/", 1)[-1]
+            if not name.startswith("."):
+                continue
+            try:
+                await self.storage.delete(key)
+                removed.append(f"removed {name}")
+            except StorageError as exc:
+                problems.append(f"could not remove {name} ({short_reason(exc)})")
+        return removed, problems
 
     def _remove_leftovers(self, job_id: int) -> tuple[list[str], list[str]]:
         """A job that did not complete keeps nothing unverified behind: partial downloads,

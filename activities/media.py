@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -20,9 +19,17 @@ from activities.common import fatal, heartbeating, in_thread, short_reason
 from backend import media
 from backend.database import JobStore
 from backend.downloads import DownloadError, VideoGone, VideoTooLarge, stream_to_file
-from backend.planning import POSTER, PREVIEW, clip_name, thumbnail_name
+from backend.planning import FINAL, POSTER, PREVIEW, clip_name, thumbnail_name
 from backend.provider import ProviderClient
 from backend.settings import Settings
+from backend.storage import (
+    Storage,
+    StorageError,
+    StoredObject,
+    scene_key,
+    storage_for,
+    video_key,
+)
 from workflows.payloads import (
     CheckClipInput,
     ClipChecked,
@@ -56,7 +63,8 @@ def download_retry_delay(attempt: int) -> timedelta:
 
 class MediaActivities:
     """Given the job store (for progress), the provider client (to know which URLs may see
-    our token), the settings and the HTTP client downloads go through."""
+    our token), the settings, the HTTP client downloads go through and the storage the
+    files live in."""
 
     def __init__(
         self,
@@ -64,11 +72,23 @@ class MediaActivities:
         provider: ProviderClient,
         settings: Settings,
         http: httpx.AsyncClient,
+        storage: Storage | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
         self.settings = settings
         self.http = http
+        self.storage = storage or storage_for(settings)
+
+    def _download_target(self, job_id: int, name: str, work: Path) -> Path:
+        local = self.storage.local_path(scene_key(job_id))
+        if local is None:
+            return work / f".{name}.part"
+        # A worker killed mid-download leaves its partial file; one download runs per clip.
+        local.mkdir(parents=True, exist_ok=True)
+        for stale in local.glob(f".{name}.*.part"):
+            stale.unlink(missing_ok=True)
+        return local / f".{name}.{uuid.uuid4().hex}.part"
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -96,45 +116,41 @@ class MediaActivities:
         if not input.url.lower().startswith(("http://", "https://")):
             raise fatal("Refusing to download a URL that is not http(s)", "BadRequest")
 
-        folder = self.settings.scenes_dir(input.job_id)
         name = clip_name(input.number, input.digest)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            # A worker killed mid-download leaves its partial file; one download runs per clip.
-            for stale in folder.glob(f".{name}.*.part"):
-                stale.unlink(missing_ok=True)
-        except OSError as exc:
-            raise ApplicationError(
-                f"Could not prepare the job's video folder ({short_reason(exc)})",
-                type="StorageError",
-            ) from exc
-        unverified = folder / f".{name}.unverified"
-        partial = folder / f".{name}.{uuid.uuid4().hex}.part"
+        unverified_key = scene_key(input.job_id, f".{name}.unverified")
         headers = (
             {"Authorization": f"Bearer {self.settings.api_token}"}
             if self.provider.owns(input.url)
             else {}
         )
         limit = self.settings.max_video_bytes
-        try:
-            size = await heartbeating(self._stream_to(input.url, headers, partial, limit))
-            os.replace(partial, unverified)
-        except ApplicationError as exc:
-            if exc.non_retryable:
-                raise
-            raise ApplicationError(
-                exc.message, type=exc.type, next_retry_delay=download_retry_delay(attempt)
-            ) from exc
-        except OSError as exc:
-            # A disk that is full or a folder that cannot be written: retried like a failed
-            # transfer, and said without the server's paths.
-            raise ApplicationError(
-                f"Could not store the video ({short_reason(exc)})",
-                type="StorageError",
-                next_retry_delay=download_retry_delay(attempt),
-            ) from exc
-        finally:
-            partial.unlink(missing_ok=True)
+        with self.storage.scratch() as work:
+            try:
+                partial = self._download_target(input.job_id, name, work)
+            except OSError as exc:
+                raise ApplicationError(
+                    f"Could not prepare the job's video folder ({short_reason(exc)})",
+                    type="StorageError",
+                ) from exc
+            try:
+                size = await heartbeating(self._stream_to(input.url, headers, partial, limit))
+                await heartbeating(self.storage.push(partial, unverified_key))
+            except ApplicationError as exc:
+                if exc.non_retryable:
+                    raise
+                raise ApplicationError(
+                    exc.message, type=exc.type, next_retry_delay=download_retry_delay(attempt)
+                ) from exc
+            except (OSError, StorageError) as exc:
+                # A disk that is full or a folder that cannot be written: retried like a
+                # failed transfer, and said without the server's paths.
+                raise ApplicationError(
+                    f"Could not store the video ({short_reason(exc)})",
+                    type="StorageError",
+                    next_retry_delay=download_retry_delay(attempt),
+                ) from exc
+            finally:
+                partial.unlink(missing_ok=True)
         # The name the clip will have once it passes its checks.
         return DownloadedVideo(path=name, size_bytes=size, attempt=attempt)
 
@@ -143,29 +159,30 @@ class MediaActivities:
         """The quality gate: decodable, long enough, not black, not frozen (unless the model
         holds still images). A clip that passes becomes the scene's clip; one that fails is
         removed and the scene decides whether to render it again."""
-        folder = self.settings.scenes_dir(input.job_id)
-        unverified = folder / f".{input.clip}.unverified"
+        unverified_key = scene_key(input.job_id, f".{input.clip}.unverified")
+        with self.storage.scratch() as work:
+            unverified = await self._pull(unverified_key, work)
+            try:
+                await in_thread(_check_mp4_signature, unverified)
+                report = await self._blocking(
+                    media.check_clip,
+                    unverified,
+                    min_seconds=input.min_seconds,
+                    still_image=input.still_image,
+                )
+            except (media.MediaError, InvalidVideo) as exc:
+                await self._delete(unverified_key)
+                # The file's name is ours, not the user's: it is "the clip" to them.
+                reason = str(exc).replace(unverified.name, "the clip")
+                message = (
+                    f"Scene {input.number}: {reason}"
+                    if input.number
+                    else reason[:1].upper() + reason[1:]
+                )
+                raise fatal(message, "InvalidClip") from exc
         try:
-            await in_thread(_check_mp4_signature, unverified)
-            report = await self._blocking(
-                media.check_clip,
-                unverified,
-                min_seconds=input.min_seconds,
-                still_image=input.still_image,
-            )
-        except (media.MediaError, InvalidVideo) as exc:
-            unverified.unlink(missing_ok=True)
-            # The file's name is ours, not the user's: it is "the clip" to them.
-            reason = str(exc).replace(unverified.name, "the clip")
-            message = (
-                f"Scene {input.number}: {reason}"
-                if input.number
-                else reason[:1].upper() + reason[1:]
-            )
-            raise fatal(message, "InvalidClip") from exc
-        try:
-            os.replace(unverified, folder / input.clip)
-        except OSError as exc:
+            await self.storage.rename(unverified_key, scene_key(input.job_id, input.clip))
+        except (OSError, StorageError) as exc:
             raise ApplicationError(
                 f"Could not keep the clip ({short_reason(exc)})", type="StorageError"
             ) from exc
@@ -179,68 +196,101 @@ class MediaActivities:
         allow it, else one re-encode) into a new file beside final.mp4; the video served
         until now stays as it is until the new one is verified and published."""
         await in_thread(self.store.progress, input.job_id, "stitching", "Stitching the scenes...")
-        scenes = self.settings.scenes_dir(input.job_id)
-        out = self.settings.video_dir(input.job_id) / f".final-{uuid.uuid4().hex}.mp4"
-        cuts = [media.ClipCut(scenes / cut.clip, cut.seconds) for cut in input.clips]
-        try:
-            report = await self._blocking(media.stitch, cuts, out)
-        except media.MediaError as exc:
-            out.unlink(missing_ok=True)
-            raise fatal(f"The scenes could not be joined: {exc}", "InvalidVideo") from exc
-        except BaseException:
-            out.unlink(missing_ok=True)
-            raise
+        with self.storage.scratch() as work:
+            cuts = [
+                media.ClipCut(
+                    await self._pull(scene_key(input.job_id, cut.clip), work), cut.seconds
+                )
+                for cut in input.clips
+            ]
+            out = self.storage.staging(video_key(input.job_id, FINAL), work)
+            try:
+                report = await self._blocking(media.stitch, cuts, out)
+                await heartbeating(self._push(out, video_key(input.job_id, out.name)))
+            except media.MediaError as exc:
+                out.unlink(missing_ok=True)
+                raise fatal(f"The scenes could not be joined: {exc}", "InvalidVideo") from exc
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
         return StitchedVideo(path=out.name, duration_seconds=report.duration, mode=report.mode)
 
     @activity.defn
     async def publish_video(self, input: PublishVideoInput) -> DownloadedVideo:
         """The verified video becomes the job's final.mp4, in one rename."""
-        folder = self.settings.video_dir(input.job_id)
-        final = self.settings.video_path(input.job_id)
-        source = folder / input.path
-        if not source.is_file():
-            if final.is_file():
+        final = video_key(input.job_id, FINAL)
+        source = await self._head(video_key(input.job_id, input.path))
+        if source is None:
+            published = await self._head(final)
+            if published is not None:
                 # Published by an attempt whose answer was lost.
-                return DownloadedVideo(path=final.name, size_bytes=final.stat().st_size, attempt=1)
+                return DownloadedVideo(path=FINAL, size_bytes=published.size, attempt=1)
             raise fatal("The stitched video is missing", "InvalidVideo")
-        size = source.stat().st_size
         try:
-            os.replace(source, final)
-        except OSError as exc:
+            await self.storage.rename(source.key, final)
+        except (OSError, StorageError) as exc:
             raise ApplicationError(
                 f"Could not publish the video ({short_reason(exc)})", type="StorageError"
             ) from exc
-        return DownloadedVideo(path=final.name, size_bytes=size, attempt=1)
+        return DownloadedVideo(path=FINAL, size_bytes=source.size, attempt=1)
 
     @activity.defn
     async def make_previews(self, input: PreviewsInput) -> PreviewsMade:
         """The published video's poster (a representative frame, not a black first one), a
         short preview of at most 360p and about 1 MB, and a thumbnail per scene. Each is
         written beside its place and renamed into it, so a reader never gets half a file."""
-        folder = self.settings.video_dir(input.job_id)
-        video = self.settings.video_path(input.job_id)
-        scenes = self.settings.scenes_dir(input.job_id)
-        made: list[tuple[Path, Path]] = []
-        try:
-            poster = folder / f".poster-{uuid.uuid4().hex}.jpg"
-            made.append((poster, folder / POSTER))
-            await self._blocking(media.poster, video, poster)
-            preview = folder / f".preview-{uuid.uuid4().hex}.mp4"
-            made.append((preview, folder / PREVIEW))
-            await self._blocking(media.preview, video, preview)
-            for number, clip in input.clips:
-                thumb = scenes / f".thumb-{number}-{uuid.uuid4().hex}.jpg"
-                made.append((thumb, scenes / thumbnail_name(number)))
-                await heartbeating(asyncio.to_thread(media.thumbnail, scenes / clip, thumb))
-            for source, target in made:
-                os.replace(source, target)
-        except (media.MediaError, OSError) as exc:
-            raise fatal(f"Could not make the poster and preview ({exc})", "InvalidVideo") from exc
-        finally:
-            for source, _ in made:
-                source.unlink(missing_ok=True)
+        job = input.job_id
+        with self.storage.scratch() as work:
+            made: list[tuple[Path, str]] = []
+            try:
+                video = await self._pull(video_key(job, FINAL), work)
+                poster = self.storage.staging(video_key(job, POSTER), work)
+                made.append((poster, video_key(job, POSTER)))
+                await self._blocking(media.poster, video, poster)
+                preview = self.storage.staging(video_key(job, PREVIEW), work)
+                made.append((preview, video_key(job, PREVIEW)))
+                await self._blocking(media.preview, video, preview)
+                for number, clip in input.clips:
+                    name = thumbnail_name(number)
+                    thumb = self.storage.staging(scene_key(job, name), work)
+                    made.append((thumb, scene_key(job, name)))
+                    source = await self._pull(scene_key(job, clip), work)
+                    await heartbeating(asyncio.to_thread(media.thumbnail, source, thumb))
+                for source, key in made:
+                    await heartbeating(self._push(source, key))
+            except (media.MediaError, OSError) as exc:
+                raise fatal(
+                    f"Could not make the poster and preview ({exc})", "InvalidVideo"
+                ) from exc
+            finally:
+                for source, _ in made:
+                    source.unlink(missing_ok=True)
         await in_thread(self.store.set_media_ready, input.job_id, True)
         return PreviewsMade(poster=POSTER, preview=PREVIEW, thumbnails=len(input.clips))
+
+    async def _pull(self, key: str, work: Path) -> Path:
+        try:
+            return await heartbeating(self.storage.pull(key, work))
+        except StorageError as exc:
+            raise ApplicationError(str(exc), type="StorageError") from exc
+
+    async def _push(self, path: Path, key: str) -> None:
+        try:
+            await self.storage.push(path, key)
+        except StorageError as exc:
+            raise ApplicationError(str(exc), type="StorageError") from exc
+
+    async def _head(self, key: str) -> StoredObject | None:
+        try:
+            return await self.storage.head(key)
+        except StorageError as exc:
+            raise ApplicationError(str(exc), type="StorageError") from exc
+
+    async def _delete(self, key: str) -> None:
+        try:
+            await self.storage.delete(key)
+        except (OSError, StorageError) as exc:
+            activity.logger.warning("Could not remove %s: %s", key, exc)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A long PyAV call on a thread, heartbeating meanwhile; a cancel of the activity stops
@@ -278,15 +328,17 @@ class MediaActivities:
     async def verify_video(self, input: VerifyVideoInput) -> VideoInfo:
         """The stitched video, decoded in full before anyone is served it."""
         await in_thread(self.store.progress, input.job_id, "verifying", "Verifying video...")
-        path = self.settings.video_dir(input.job_id) / input.path
-        try:
-            # Heartbeats while the decode runs: a worker killed mid-verify is noticed within
-            # the heartbeat timeout, not after the whole start-to-close timeout.
-            info = await heartbeating(asyncio.to_thread(probe_video, path))
-        except InvalidVideo as exc:
-            # A broken file must never be served as the job's video.
-            path.unlink(missing_ok=True)
-            raise fatal(str(exc), "InvalidVideo") from exc
+        key = video_key(input.job_id, input.path)
+        with self.storage.scratch() as work:
+            path = await self._pull(key, work)
+            try:
+                # Heartbeats while the decode runs: a worker killed mid-verify is noticed
+                # within the heartbeat timeout, not after the whole start-to-close timeout.
+                info = await heartbeating(asyncio.to_thread(probe_video, path))
+            except InvalidVideo as exc:
+                # A broken file must never be served as the job's video.
+                await self._delete(key)
+                raise fatal(str(exc), "InvalidVideo") from exc
         return info
 
 

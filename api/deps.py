@@ -16,6 +16,7 @@ from api.views import VideoSigner
 from backend.database import JobStore
 from backend.provider import ProviderClient
 from backend.settings import Settings
+from backend.storage import Storage
 
 
 async def get_store(request: Request) -> JobStore:
@@ -46,6 +47,10 @@ async def get_signer(request: Request) -> VideoSigner:
     return request.app.state.signer
 
 
+async def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
 StoreDep = Annotated[JobStore, Depends(get_store)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 ProviderDep = Annotated[ProviderClient, Depends(get_provider)]
@@ -53,3 +58,4 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ReadsDep = Annotated[JobReads, Depends(get_reads)]
 ProgressDep = Annotated[ProgressCache, Depends(get_progress)]
 SignerDep = Annotated[VideoSigner, Depends(get_signer)]
+StorageDep = Annotated[Storage, Depends(get_storage)]

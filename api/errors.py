@@ -163,6 +163,7 @@ _DESCRIPTIONS = {
     409: "The job's state does not allow this",
     413: "The request body is larger than MAX_REQUEST_BYTES",
     415: "The body is not JSON (`Content-Type: application/json`)",
+    416: "The `Range` asked for is not in the file",
     422: "The request is malformed or a value is out of range; `errors` names each field",
     429: "The tenant has as many jobs going as it may (TENANT_MAX_ACTIVE_JOBS); retry after "
     "`Retry-After` seconds",

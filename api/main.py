@@ -30,6 +30,7 @@ from backend.logs import configure_logging
 from backend.orchestration import connect
 from backend.provider import ProviderClient
 from backend.settings import Settings, get_settings
+from backend.storage import storage_for
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.jobs.read = app.state.store.count_by_status
         app.state.temporal = await connect(settings, lazy=True)
         app.state.provider = ProviderClient(settings)
+        app.state.storage = storage_for(settings)
         app.state.webhook_secret = settings.replicate_webhook_secret
         app.state.signer = VideoSigner(url_signing_key(settings), settings.signed_url_ttl_seconds)
         # Per lifespan: their tasks and futures belong to this event loop.

@@ -29,6 +29,7 @@ class PlanError(ValueError):
 
 
 # The job's video and what is made from it, under videos/{job}/ (thumbnails under scenes/).
+FINAL = "final.mp4"
 POSTER = "poster.jpg"
 PREVIEW = "preview.mp4"
 

@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="Any SQLAlchemy URL; default: SQLite file under DATA_DIR"
     )
+    # Where the videos, clips, posters and previews live: unset, under DATA_DIR/videos (one
+    # host); `s3://bucket/prefix` for many hosts (credentials: the standard AWS_* variables).
+    # With S3, DATA_DIR only holds a worker's scratch files.
+    video_storage_url: str | None = Field(
+        default=None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+    )
+    # An S3-compatible server's address (MinIO, moto, ...); unset: AWS itself.
+    s3_endpoint_url: str | None = None
+    # With S3, the API answers a video, poster or preview request with a 307 to a presigned
+    # URL (the bytes then skip the API) instead of streaming it.
+    video_redirects: bool = False
 
     temporal_address: str = "127.0.0.1:7233"
     # Put before every workflow id (and the reconcile schedule's), so two deployments can
@@ -177,10 +188,10 @@ class Settings(BaseSettings):
     def _log_format(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("metrics_token", mode="before")
+    @field_validator("metrics_token", "video_storage_url", "s3_endpoint_url", mode="before")
     @classmethod
     def _no_empty_token(cls, value: Any) -> Any:
-        # METRICS_TOKEN= (empty, as compose passes an unset variable) means no token.
+        # METRICS_TOKEN= (empty, as compose passes an unset variable) means not set.
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("model_profiles_file", mode="before")

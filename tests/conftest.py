@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from processes import MotoServer
 from sqlalchemy.engine import make_url
 from support import Stack, running_stack
 from temporalio.testing import WorkflowEnvironment
@@ -74,6 +75,27 @@ def renderer(render_server: RunningServer) -> RunningServer:
     """The shared render server with no faults and zeroed counters."""
     render_server.reset()
     return render_server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """An S3-protocol server (moto) on loopback for the session; a bucket per test."""
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start_and_wait()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Settings that keep a test's videos in a new bucket of `s3_server`, with the AWS_*
+    credentials in this process's environment (where obstore reads them, as in production)."""
+    for name, value in MotoServer.ENV.items():
+        monkeypatch.setenv(name, value)
+    return {
+        "video_storage_url": f"s3://{s3_server.new_bucket()}/renders",
+        "s3_endpoint_url": s3_server.endpoint,
+    }
 
 
 @pytest.fixture(scope="session")

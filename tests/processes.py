@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,53 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(every)
+
+
+class MotoServer(LoggedProcess):
+    """moto in server mode: a real S3-protocol server on loopback, for VIDEO_STORAGE_URL."""
+
+    REGION = "us-east-1"
+    # moto checks no signatures; any key pair works, and it is the one the processes get.
+    ENV = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        super().__init__("moto", args, folder / "moto.log", folder, dict(os.environ))
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_and_wait(self) -> None:
+        self.start()
+        deadline = time.monotonic() + 60
+        while not port_open(self.port):
+            assert self.alive, f"moto exited:\n{self.output()}"
+            assert time.monotonic() < deadline, "moto did not start within 60 s"
+            time.sleep(0.1)
+
+    def client(self) -> Any:
+        """A boto3 S3 client: the tests look at the bucket with a client of their own."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.REGION,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    def new_bucket(self) -> str:
+        name = f"videos-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        listed = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for item in listed.get("Contents", []))

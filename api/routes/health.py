@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable
 from typing import Any
 
@@ -12,7 +11,6 @@ from sqlalchemy import text
 
 from api.models import Health, Readiness
 from backend.database import JobStore
-from backend.settings import Settings
 
 # Seconds each readiness check may take.
 READY_TIMEOUT = 3.0
@@ -38,7 +36,7 @@ async def readyz(request: Request, response: Response) -> Readiness:
     checks = {
         "database": await _check(asyncio.to_thread(_ping_store, state.store)),
         "temporal": await _check(state.temporal.service_client.check_health()),
-        "storage": await _check(asyncio.to_thread(_ping_storage, state.settings)),
+        "storage": await _check(state.storage.check()),
     }
     ready = all(value == "ok" for value in checks.values())
     if not ready:
@@ -59,9 +57,3 @@ def _ping_store(store: JobStore) -> bool:
     with store.engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     return True
-
-
-def _ping_storage(settings: Settings) -> bool:
-    folder = settings.videos_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    return os.access(folder, os.W_OK)

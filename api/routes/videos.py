@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path as Path_
+from datetime import timedelta
+from email.utils import format_datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
-from api.deps import ReadsDep, SettingsDep, SignerDep
+from api.deps import ReadsDep, SettingsDep, SignerDep, StorageDep
 from api.errors import Forbidden, Unauthorized, error_response, error_responses
 from api.security import JobId, authenticate
 from backend.auth import signature_valid
 from backend.database import JobNotFound
-from backend.planning import POSTER, PREVIEW, thumbnail_name
+from backend.planning import FINAL, POSTER, PREVIEW, thumbnail_name
+from backend.settings import Settings
+from backend.storage import Storage, StorageError, scene_key, video_key
 from backend.storyboard import MAX_SCENES
 
 router = APIRouter(tags=["videos"])
@@ -29,7 +32,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The requested byte range of the MP4",
         "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
     },
-    **error_responses(401, 403, 404, 422, 503),
+    307: {"description": "With VIDEO_REDIRECTS on object storage: a presigned URL of the file"},
+    **error_responses(401, 403, 404, 416, 422, 503),
 }
 # Either the key, or the signed link's query parameters.
 _SECURITY = {"security": [{"ApiKey": []}, {}]}
@@ -69,20 +73,24 @@ async def video_data(
     reads: ReadsDep,
     signer: SignerDep,
     settings: SettingsDep,
+    storage: StorageDep,
     expires: Expires = None,
     signature: Signature = None,
 ) -> Any:
     job = await _readable_job(job_id, request, reads, signer, expires, signature)
-    path = settings.video_path(job_id)
     # A job rendered again keeps serving its last verified video until the new one replaces
     # it; a job that never completed has none.
-    if not job["video_url"] or not path.is_file():
-        return error_response(404, f"Job {job_id} has no video yet (status {job['status']})")
-    return FileResponse(
-        path,
-        media_type="video/mp4",
+    missing = f"Job {job_id} has no video yet (status {job['status']})"
+    if not job["video_url"]:
+        return error_response(404, missing)
+    return await _serve(
+        request,
+        storage,
+        settings,
+        video_key(job_id, FINAL),
+        "video/mp4",
+        missing,
         filename=f"job-{job_id}.mp4",
-        content_disposition_type="inline",
     )
 
 
@@ -92,7 +100,12 @@ def _image_responses(media_type: str, what: str) -> dict[int | str, dict[str, An
             "description": what,
             "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
         },
-        **error_responses(401, 403, 404, 422, 503),
+        206: {
+            "description": "The requested byte range",
+            "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        307: {"description": "With VIDEO_REDIRECTS on object storage: a presigned URL of it"},
+        **error_responses(401, 403, 404, 416, 422, 503),
     }
 
 
@@ -110,11 +123,14 @@ async def poster(
     reads: ReadsDep,
     signer: SignerDep,
     settings: SettingsDep,
+    storage: StorageDep,
     expires: Expires = None,
     signature: Signature = None,
 ) -> Any:
     job = await _readable_job(job_id, request, reads, signer, expires, signature)
-    return _made_from_video(job, settings.video_dir(job_id) / POSTER, "image/jpeg", "poster")
+    return await _made_from_video(
+        request, storage, settings, job, video_key(job_id, POSTER), "image/jpeg", "poster"
+    )
 
 
 @router.get(
@@ -131,11 +147,14 @@ async def preview(
     reads: ReadsDep,
     signer: SignerDep,
     settings: SettingsDep,
+    storage: StorageDep,
     expires: Expires = None,
     signature: Signature = None,
 ) -> Any:
     job = await _readable_job(job_id, request, reads, signer, expires, signature)
-    return _made_from_video(job, settings.video_dir(job_id) / PREVIEW, "video/mp4", "preview")
+    return await _made_from_video(
+        request, storage, settings, job, video_key(job_id, PREVIEW), "video/mp4", "preview"
+    )
 
 
 @router.get(
@@ -153,22 +172,112 @@ async def scene_thumbnail(
     reads: ReadsDep,
     signer: SignerDep,
     settings: SettingsDep,
+    storage: StorageDep,
     expires: Expires = None,
     signature: Signature = None,
 ) -> Any:
     job = await _readable_job(job_id, request, reads, signer, expires, signature)
-    scenes = settings.scenes_dir(job_id)
+    key = scene_key(job_id, thumbnail_name(number))
     # A whole-storyboard model made one clip for every scene, and so one thumbnail.
-    path = scenes / thumbnail_name(number)
-    if not path.is_file() and any(s["number"] == number for s in job["scenes"]):
-        path = scenes / thumbnail_name(0)
-    return _made_from_video(job, path, "image/jpeg", f"thumbnail of scene {number}")
+    if await storage.head(key) is None and any(s["number"] == number for s in job["scenes"]):
+        key = scene_key(job_id, thumbnail_name(0))
+    what = f"thumbnail of scene {number}"
+    return await _made_from_video(request, storage, settings, job, key, "image/jpeg", what)
 
 
-def _made_from_video(job: dict[str, Any], path: Path_, media_type: str, what: str) -> Any:
-    if not job["media_ready"] or not path.is_file():
-        return error_response(404, f"Job {job['id']} has no {what} yet (status {job['status']})")
-    return FileResponse(path, media_type=media_type, content_disposition_type="inline")
+async def _made_from_video(
+    request: Request,
+    storage: Storage,
+    settings: Settings,
+    job: dict[str, Any],
+    key: str,
+    media_type: str,
+    what: str,
+) -> Any:
+    missing = f"Job {job['id']} has no {what} yet (status {job['status']})"
+    if not job["media_ready"]:
+        return error_response(404, missing)
+    return await _serve(request, storage, settings, key, media_type, missing)
+
+
+async def _serve(
+    request: Request,
+    storage: Storage,
+    settings: Settings,
+    key: str,
+    media_type: str,
+    missing: str,
+    filename: str | None = None,
+) -> Response:
+    """The file at `key`: from this host's disk, streamed from object storage with Range
+    support, or (VIDEO_REDIRECTS) a 307 to a presigned URL of it."""
+    local = storage.local_path(key)
+    if local is not None:
+        if not local.is_file():
+            return error_response(404, missing)
+        return FileResponse(
+            local, media_type=media_type, filename=filename, content_disposition_type="inline"
+        )
+    try:
+        stored = await storage.head(key)
+    except StorageError as exc:
+        return error_response(503, f"The video storage cannot be reached ({exc})")
+    if stored is None:
+        return error_response(404, missing)
+    if settings.video_redirects:
+        url = await storage.presign(key, timedelta(seconds=settings.signed_url_ttl_seconds))
+        if url:
+            return RedirectResponse(url, status_code=307)
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": (f'inline; filename="{filename}"' if filename else "inline"),
+    }
+    if stored.etag:
+        headers["ETag"] = stored.etag
+    if stored.modified:
+        headers["Last-Modified"] = format_datetime(stored.modified, usegmt=True)
+    start, end, status = 0, stored.size, 200
+    try:
+        span = _byte_range(request.headers.get("range", ""), stored.size)
+    except ValueError:
+        headers["Content-Range"] = f"bytes */{stored.size}"
+        return error_response(416, "The requested range is not in the file", headers)
+    if span is not None:
+        start, end = span
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD" or end == start:
+        return Response(status_code=status, headers=headers, media_type=media_type)
+    return StreamingResponse(
+        storage.read(key, start, end, stored.etag),
+        status_code=status,
+        headers=headers,
+        media_type=media_type,
+    )
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """[start, end) of a single `bytes=` range (RFC 9110), or None for the whole file (no
+    Range, or a multi-range or malformed one, which the RFC lets a server ignore). Raises
+    ValueError when the range is not in the file (416)."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()):
+        return None
+    if not first:  # the last N bytes
+        if int(last) == 0 or size == 0:
+            raise ValueError("empty suffix range")
+        return (max(0, size - int(last)), size)
+    start = int(first)
+    if start >= size:
+        raise ValueError("starts past the end")
+    if last and not last.isdigit():
+        return None
+    end = min(int(last) + 1, size) if last else size
+    return None if end <= start else (start, end)
 
 
 async def _readable_job(
