@@ -160,8 +160,14 @@ class MediaActivities:
         holds still images). A clip that passes becomes the scene's clip; one that fails is
         removed and the scene decides whether to render it again."""
         unverified_key = scene_key(input.job_id, f".{input.clip}.unverified")
+        clip_key = scene_key(input.job_id, input.clip)
+        checking = unverified_key
+        if await self._head(unverified_key) is None and await self._head(clip_key) is not None:
+            # Kept by an attempt whose answer was lost: its figures are read from it again,
+            # rather than the scene rendered (and billed) once more.
+            checking = clip_key
         with self.storage.scratch() as work:
-            unverified = await self._pull(unverified_key, work)
+            unverified = await self._pull(checking, work)
             try:
                 await in_thread(_check_mp4_signature, unverified)
                 report = await self._blocking(
@@ -171,7 +177,7 @@ class MediaActivities:
                     still_image=input.still_image,
                 )
             except (media.MediaError, InvalidVideo) as exc:
-                await self._delete(unverified_key)
+                await self._delete(checking)
                 # The file's name is ours, not the user's: it is "the clip" to them.
                 reason = str(exc).replace(unverified.name, "the clip")
                 message = (
@@ -181,7 +187,8 @@ class MediaActivities:
                 )
                 raise fatal(message, "InvalidClip") from exc
         try:
-            await self.storage.rename(unverified_key, scene_key(input.job_id, input.clip))
+            if checking == unverified_key:
+                await self.storage.rename(unverified_key, clip_key)
         except (OSError, StorageError) as exc:
             raise ApplicationError(
                 f"Could not keep the clip ({short_reason(exc)})", type="StorageError"

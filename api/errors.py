@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.database import JobConflict, JobNotFound
 from backend.orchestration import TemporalUnavailable, TenantAtCapacity
+from backend.storage import StorageError
 from backend.storyboard import StoryboardError
 
 log = logging.getLogger("api")
@@ -130,6 +131,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TemporalUnavailable)
     async def _temporal_down(_: Request, exc: TemporalUnavailable) -> JSONResponse:
+        log.warning("%s", exc)
+        return error_response(503, str(exc), {"Retry-After": RETRY_AFTER})
+
+    @app.exception_handler(StorageError)
+    async def _storage_unavailable(_: Request, exc: StorageError) -> JSONResponse:
         log.warning("%s", exc)
         return error_response(503, str(exc), {"Retry-After": RETRY_AFTER})
 

@@ -11,12 +11,14 @@ import httpx
 import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
+from test_media import make_clip
 
 from activities.media import InvalidVideo, MediaActivities, probe_video
 from backend.database import JobStore, make_engine
 from backend.provider import ProviderClient
 from backend.settings import Settings
-from workflows.payloads import DownloadClipInput
+from backend.storage import scene_key, storage_for
+from workflows.payloads import CheckClipInput, DownloadClipInput
 
 VIDEO_BYTES = b"\x00\x00\x00\x18ftypisom" + b"x" * 5000
 
@@ -99,3 +101,28 @@ def test_non_mp4_is_rejected(tmp_path: Path) -> None:
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
     with pytest.raises(InvalidVideo, match="not an MP4"):
         probe_video(png)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+async def test_a_check_retried_after_its_clip_was_kept_reads_the_kept_clip(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An attempt that kept the clip but whose answer was lost (a worker killed between the
+    rename and the reply) is tried again: the retry must pass on the kept clip, not fail the
+    scene as missing (which would render, and bill, it once more)."""
+    extra = request.getfixturevalue("s3_storage") if where == "s3" else {}
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", **extra)  # type: ignore[call-arg]
+    store = JobStore(make_engine(f"sqlite:///{tmp_path / 'jobs.db'}"))
+    job_id = store.create()
+    storage = storage_for(settings)
+    clip = "001-0123456789abcdef.mp4"
+    made = make_clip(tmp_path / "clip.mp4", seconds=1.0)
+    await storage.push(made, scene_key(job_id, f".{clip}.unverified"))
+    async with httpx.AsyncClient() as http:
+        activities = MediaActivities(store, ProviderClient(settings), settings, http, storage)
+        check = CheckClipInput(job_id=job_id, number=1, clip=clip, min_seconds=0.5)
+        first = await ActivityEnvironment().run(activities.check_clip, check)
+        again = await ActivityEnvironment().run(activities.check_clip, check)
+    assert again == first and first.frames > 0
+    assert await storage.head(scene_key(job_id, clip)) is not None
+    assert await storage.head(scene_key(job_id, f".{clip}.unverified")) is None

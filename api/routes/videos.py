@@ -17,7 +17,7 @@ from backend.auth import signature_valid
 from backend.database import JobNotFound
 from backend.planning import FINAL, POSTER, PREVIEW, thumbnail_name
 from backend.settings import Settings
-from backend.storage import Storage, StorageError, scene_key, video_key
+from backend.storage import Storage, scene_key, video_key
 from backend.storyboard import MAX_SCENES
 
 router = APIRouter(tags=["videos"])
@@ -218,10 +218,8 @@ async def _serve(
         return FileResponse(
             local, media_type=media_type, filename=filename, content_disposition_type="inline"
         )
-    try:
-        stored = await storage.head(key)
-    except StorageError as exc:
-        return error_response(503, f"The video storage cannot be reached ({exc})")
+    # A StorageError is a 503 (api/errors.py): the file may well be there.
+    stored = await storage.head(key)
     if stored is None:
         return error_response(404, missing)
     if settings.video_redirects:
