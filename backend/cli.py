@@ -488,8 +488,10 @@ def run_demo(settings: Settings, stack: Stack | None = None, timeout: float = 30
         print(f"\nRender did not complete: {status}", file=sys.stderr)
         return 1
     sys.stdout.write(_bar(1.0, "Video ready") + "\n")
-    path = settings.video_path(job_id).resolve()
-    print(f"Video: {path}")
+    if settings.video_storage_url:
+        print(f"Video: {settings.video_storage_url.rstrip('/')}/videos/{job_id}/final.mp4")
+    else:
+        print(f"Video: {settings.video_path(job_id).resolve()}")
     print(f"Served at: {base}{status['video_url']}")
     print(f"Cost: ${status['actual_cost']:.2f}")
     show = f"{temporal_binary()} workflow show -w {started['workflow_id']} --detailed"
