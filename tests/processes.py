@@ -94,10 +94,15 @@ class LoggedProcess:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
+    def terminate(self) -> None:
+        """SIGTERM, not waiting: the process shuts down as it would under an orchestrator."""
+        assert self.proc is not None and self.alive, f"{self.name} is not running"
+        self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         if self.proc is None or not self.alive:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
