@@ -235,6 +235,7 @@ async def test_sigterm_past_the_grace_period_hands_the_download_back_at_once(
 
     # Handed back before the worker exited: the attempt already failed, and the retry waits
     # for a worker (rather than for the 5 s heartbeat timeout to notice the worker is gone).
+    # (The other scene's download may be pending too, scheduled but never taken.)
     [slow] = [
         pending
         for workflow_id in run_ids(job_id, scenes=2)[1:]
@@ -242,6 +243,7 @@ async def test_sigterm_past_the_grace_period_hands_the_download_back_at_once(
             await stack.temporal.get_workflow_handle(workflow_id).describe()
         ).raw_description.pending_activities
         if pending.activity_type.name == "download_clip"
+        and pending.last_worker_identity == identity(first)
     ]
     assert slow.attempt == 2, slow
     assert slow.last_failure.application_failure_info.type == "WorkerShutdown", slow
