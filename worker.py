@@ -41,7 +41,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     """Shared with the benchmarks' bare worker, so both run on the same settings."""
     return {
         # On SIGTERM the worker polls no more and lets what it holds finish for this long;
-        # what has not finished by then is cancelled, and Temporal retries it elsewhere.
+        # what has not finished by then is cancelled and its attempt failed at once as
+        # "WorkerShutdown" (the SDK does it; retryable), so another worker retries it without
+        # waiting for a heartbeat timeout (tests/test_scale_out.py).
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace_seconds),
         "max_cached_workflows": settings.worker_max_cached_workflows,
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from processes import MotoServer
+from processes import MotoServer, Workers
 from sqlalchemy.engine import make_url
 from support import Stack, running_stack
 from temporalio.testing import WorkflowEnvironment
@@ -111,6 +111,51 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     async with running_stack(temporal_env, renderer, tmp_path, database_url=jobs_db) as value:
         yield value
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "stack_settings(**settings): settings (running_stack overrides) for `crash_stack`",
+    )
+
+
+@pytest.fixture
+async def crash_stack(
+    request: pytest.FixtureRequest,
+    temporal_env: WorkflowEnvironment,
+    renderer: RunningServer,
+    tmp_path: Path,
+    jobs_db: str,
+) -> AsyncIterator[Stack]:
+    """The API over HTTP with no worker in this process: the workers are subprocesses
+    (`workers`), so a test can kill or stop them.
+
+    Parametrized indirectly with "webhook", the render server reports to the API, which
+    relays to the run; otherwise the run polls. `@pytest.mark.stack_settings(...)` sets other
+    settings (the workers get them too)."""
+    webhooks = getattr(request, "param", "polling") == "webhook"
+    marker = request.node.get_closest_marker("stack_settings")
+    overrides = marker.kwargs if marker else {}
+    # The session job store keeps job ids (and so workflow ids) unique on the session server.
+    async with running_stack(
+        temporal_env,
+        renderer,
+        tmp_path,
+        webhooks=webhooks,
+        worker=False,
+        database_url=jobs_db,
+        **overrides,
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture
+def workers(crash_stack: Stack, tmp_path: Path) -> Iterator[Workers]:
+    """Worker subprocesses for `crash_stack`, stopped (and their logs printed) on teardown."""
+    pool = Workers(crash_stack.settings, tmp_path)
+    yield pool
+    pool.stop_all()
 
 
 @contextmanager

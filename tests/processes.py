@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from temporalio.client import Client
+
 from backend.cli import temporal_binary
 from backend.settings import Settings
 
@@ -95,10 +97,15 @@ class LoggedProcess:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
+    def terminate(self) -> None:
+        """SIGTERM, not waiting: the process shuts down as it would under an orchestrator."""
+        assert self.proc is not None and self.alive, f"{self.name} is not running"
+        self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         if self.proc is None or not self.alive:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -179,6 +186,20 @@ class TemporalDevServer(LoggedProcess):
             lambda: port_open(self.port) or not self.alive, 60, "the Temporal dev server"
         )
         assert self.alive, f"temporal exited:\n{self.output()}"
+        # The port opens before the frontend serves: a client connecting in between fails
+        # with "Frontend is not healthy yet" (seen on a busy machine).
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = await Client.connect(self.address)
+                if await client.service_client.check_health():
+                    return
+                raise RuntimeError("the health check says not serving")
+            except Exception as exc:  # noqa: BLE001 - not serving yet, whatever the form
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the Temporal dev server is not healthy: {exc}") from exc
+            assert self.alive, f"temporal exited:\n{self.output()}"
+            await asyncio.sleep(0.1)
 
 
 async def wait_until(

@@ -15,7 +15,6 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -149,36 +148,6 @@ def assert_clean_video(stack: Stack, job_id: int, seconds: float) -> None:
         duration = container.duration / 1_000_000
     assert frames > 0
     assert abs(duration - seconds) <= 0.1
-
-
-# -- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def crash_stack(
-    request: pytest.FixtureRequest,
-    temporal_env: WorkflowEnvironment,
-    renderer: RunningServer,
-    tmp_path: Path,
-    jobs_db: str,
-) -> AsyncIterator[Stack]:
-    """The API over HTTP with no worker in this process: the workers are subprocesses.
-
-    Parametrized indirectly with "webhook", the render server reports to the API, which
-    relays to the run; otherwise the run polls."""
-    webhooks = getattr(request, "param", "polling") == "webhook"
-    # The session job store keeps job ids (and so workflow ids) unique on the session server.
-    async with running_stack(
-        temporal_env, renderer, tmp_path, webhooks=webhooks, worker=False, database_url=jobs_db
-    ) as stack:
-        yield stack
-
-
-@pytest.fixture
-def workers(crash_stack: Stack, tmp_path: Path) -> Iterator[Workers]:
-    pool = Workers(crash_stack.settings, tmp_path)
-    yield pool
-    pool.stop_all()
 
 
 # -- the tests --------------------------------------------------------------------------------
