@@ -400,7 +400,6 @@ def _supervise(stack: Stack) -> int:
 API_KEEP_ALIVE_SECONDS = 75
 
 
-
 def api_command(host: str, port: int) -> list[str]:
     """The API as one process serving it (`dev` runs one; a deployment runs several)."""
     return [

@@ -32,7 +32,7 @@ from hosts import running_deployment, storage  # noqa: E402
 from processes import throwaway_postgres, wait_until  # noqa: E402
 from support import make_settings  # noqa: E402
 
-JOBS = int(os.environ.get("BENCH_MANY_HOSTS_JOBS", "60"))
+JOBS = int(os.environ.get("BENCH_MANY_HOSTS_JOBS", "40"))
 SCENES = 5
 WORKER_COUNTS = (1, 2, 3)
 DONE = ("completed", "failed", "cancelled", "expired")
