@@ -107,7 +107,7 @@ async def test_two_apis_and_three_workers_finish_every_job_through_a_worker_kill
             # reporting to that API: a third of the scenes' webhooks in, the rest to come.
             await wait_until(
                 lambda: ok_deliveries(small_renderer, restarted.base_url) >= JOBS * SCENES // 3,
-                240,
+                420,
                 "a third of the scenes' webhooks",
                 every=0.5,
             )
@@ -119,7 +119,7 @@ async def test_two_apis_and_three_workers_finish_every_job_through_a_worker_kill
             # The worker kill while jobs are being stitched and published: a third done.
             await wait_until(
                 lambda: deployment.completed() >= JOBS // 3,
-                240,
+                420,
                 "a third of the jobs to complete",
                 every=0.25,
             )
@@ -128,7 +128,7 @@ async def test_two_apis_and_three_workers_finish_every_job_through_a_worker_kill
             deployment.workers.started[0].kill()
 
             finished = await wait_until(
-                lambda: _finished(deployment), 300, f"all {JOBS} jobs to finish", every=0.25
+                lambda: _finished(deployment), 420, f"all {JOBS} jobs to finish", every=0.25
             )
             timings["all"] = time.monotonic() - t1
             print(f"timings (s): {timings}", flush=True)
