@@ -232,20 +232,7 @@ class Stack:
         # predictions it had when it stopped, fetches their images and calls its webhooks.
         self.spawn(
             "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "api.main:app",
-                "--host",
-                settings.api_host,
-                "--port",
-                str(settings.api_port),
-                "--timeout-keep-alive",
-                str(API_KEEP_ALIVE_SECONDS),
-                "--log-level",
-                "warning",
-            ],
+            api_command(settings.api_host, settings.api_port),
             (settings.api_host, settings.api_port),
         )
         if settings.uses_local_renderer:
@@ -411,6 +398,25 @@ def _supervise(stack: Stack) -> int:
 # meets a closed socket (httpx.ReadError, "connection reset") with no way to know whether it was
 # done. Closing later than the clients do leaves the close to them.
 API_KEEP_ALIVE_SECONDS = 75
+
+
+def api_command(host: str, port: int) -> list[str]:
+    """The API as one process serving it (`dev` runs one; a deployment runs several)."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api.main:app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--timeout-keep-alive",
+        str(API_KEEP_ALIVE_SECONDS),
+        "--log-level",
+        "warning",
+    ]
+
 
 SAMPLE_SCENES = [
     ("scene-1.jpg", "Sunrise over the hills"),

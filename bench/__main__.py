@@ -21,6 +21,7 @@ BENCHES = {
     "stitching": "Stitching scene clips against the ffmpeg command line",
     "scenes": "Per-scene rendering: parallel scenes, held-down creates, edits",
     "fairness": "Fair shares: one tenant's backlog against another's job",
+    "many_hosts": "Many hosts: throughput with 1, 2 and 3 workers behind 2 APIs",
 }
 
 

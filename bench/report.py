@@ -17,6 +17,7 @@ ORDER = [
     "stitching",
     "scenes",
     "fairness",
+    "many_hosts",
 ]
 # Hand-written: what each missed target turned out to be, and the figures before and after
 # the fix. Appended to RESULTS.md as it is.

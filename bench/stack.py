@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.auth import KeyStore
-from backend.cli import API_KEEP_ALIVE_SECONDS, temporal_dev_command
+from backend.cli import api_command, temporal_dev_command
 from backend.database import make_engine
 
 from .common import free_port, wait_port
@@ -150,21 +150,8 @@ def product_stack(
         for name, args, port in (
             (
                 "api",
-                [
-                    py,
-                    "-m",
-                    "uvicorn",
-                    "api.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(stack.api_port),
-                    # As `render-video dev` serves it (backend/cli.py says why).
-                    "--timeout-keep-alive",
-                    str(API_KEEP_ALIVE_SECONDS),
-                    "--log-level",
-                    "warning",
-                ],
+                # As `render-video dev` serves it.
+                api_command("127.0.0.1", stack.api_port),
                 stack.api_port,
             ),
             (

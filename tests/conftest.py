@@ -3,16 +3,12 @@ server and the API over HTTP on 127.0.0.1, and real SQLite and PostgreSQL databa
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
-import psycopg
 import pytest
-from processes import MotoServer, Workers
-from sqlalchemy.engine import make_url
+from processes import MotoServer, Workers, throwaway_postgres
 from support import Stack, running_stack
 from temporalio.testing import WorkflowEnvironment
 
@@ -21,10 +17,6 @@ from backend.database import JobStore, make_engine
 from local_replicate.config import ServerConfig
 from local_replicate.testing import RunningServer
 from workflows.render_video import SEARCH_ATTRIBUTES
-
-POSTGRES_URL = os.environ.get(
-    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 
 
 @pytest.fixture(scope="session")
@@ -156,21 +148,6 @@ def workers(crash_stack: Stack, tmp_path: Path) -> Iterator[Workers]:
     pool = Workers(crash_stack.settings, tmp_path)
     yield pool
     pool.stop_all()
-
-
-@contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    """The URL of a new, empty PostgreSQL database, dropped on exit."""
-    url = make_url(POSTGRES_URL)
-    name = f"renderer_test_{uuid.uuid4().hex[:8]}"
-    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

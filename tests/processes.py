@@ -1,5 +1,6 @@
 """Real processes for the tests: workers, API servers and a restartable Temporal dev server as
-subprocesses whose output lands in a log file, and the waits that go with them."""
+subprocesses whose output lands in a log file, the waits that go with them, and throwaway
+PostgreSQL databases."""
 
 from __future__ import annotations
 
@@ -12,14 +13,37 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psycopg
+from sqlalchemy.engine import make_url
 from temporalio.client import Client
 
-from backend.cli import temporal_binary
+from backend.cli import api_command, temporal_binary
 from backend.settings import Settings
+
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped on exit."""
+    url = make_url(POSTGRES_URL)
+    name = f"renderer_test_{uuid.uuid4().hex[:8]}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def free_port() -> int:
@@ -122,7 +146,8 @@ class Workers:
         self.extra_env = extra_env
         self.started: list[LoggedProcess] = []
 
-    async def start(self) -> LoggedProcess:
+    async def start(self, **extra_env: str) -> LoggedProcess:
+        """A new worker; `extra_env` are settings of this one worker (its own DATA_DIR)."""
         n = len(self.started) + 1
         worker = LoggedProcess(
             f"worker {n}",
@@ -130,7 +155,7 @@ class Workers:
             self.folder / f"worker-{n}.log",
             # Not the repository: a developer's .env there must not configure the worker.
             cwd=self.folder,
-            env=worker_env(self.settings, **self.extra_env),
+            env=worker_env(self.settings, **{**self.extra_env, **extra_env}),
         )
         worker.start()
         self.started.append(worker)
@@ -148,6 +173,39 @@ class Workers:
         for worker in self.started:
             worker.stop()
             print(f"--- {worker.name} log ---\n{worker.output()[-6000:]}")
+
+
+class ApiServer(LoggedProcess):
+    """One API process (`uvicorn api.main:app`, as `render-video dev` runs it) on a port of its
+    own, restartable on the same port."""
+
+    def __init__(self, name: str, folder: Path, env: dict[str, str], port: int = 0) -> None:
+        self.port = port or free_port()
+        super().__init__(
+            name, api_command("127.0.0.1", self.port), folder / f"{name}.log", folder, env
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start_and_wait(self) -> None:
+        self.start()
+        # Ready, not only listening: /readyz answers 200 once the job store, Temporal and the
+        # video storage all answer this process.
+        await wait_until(lambda: self._ready() or not self.alive, 60, f"{self.name} to be ready")
+        assert self.alive, f"{self.name} exited:\n{self.output()}"
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def restart(self) -> None:
+        """SIGTERM (uvicorn finishes the requests it holds), then a new process on the port."""
+        self.stop()
+        await self.start_and_wait()
 
 
 class TemporalDevServer(LoggedProcess):
