@@ -2,10 +2,9 @@
 spread over machines, on one Temporal server, a PostgreSQL job store and shared video storage.
 Used by tests/test_many_hosts.py and bench/many_hosts.py.
 
-Where the videos live is chosen in one place, `storage()`: each process gets a DATA_DIR of its
-own (its scratch space), and the storage's settings are laid over it. Local storage shares
-one DATA_DIR among all of them (one disk, as a shared volume would be); object storage gives
-VIDEO_STORAGE_URL and friends and leaves each process its own DATA_DIR.
+Where the videos live is chosen in one place, `storage()`: an S3 bucket (moto on loopback)
+that every process reaches over the network, while each keeps a DATA_DIR of its own, as on
+separate machines: a step of a render may run on any worker, and any API serves any video.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from processes import ApiServer, LoggedProcess, Workers, free_port, worker_env
+from processes import ApiServer, LoggedProcess, MotoServer, Workers, free_port, worker_env
 
 from backend.auth import KeyStore
 from backend.database import JobStore, make_engine, migrate_store
@@ -30,14 +29,19 @@ from bench.common import send
 @contextmanager
 def storage(folder: Path) -> Iterator[dict[str, str]]:
     """The video storage every process of a deployment shares, as settings laid over each
-    process's own: today local storage, one DATA_DIR on one disk for all of them.
-
-    For object storage, yield VIDEO_STORAGE_URL (s3://bucket/prefix), S3_ENDPOINT_URL and the
-    AWS_* variables instead (and no DATA_DIR): each process then keeps its own DATA_DIR.
-    """
-    shared = folder / "shared-data"
-    shared.mkdir(parents=True, exist_ok=True)
-    yield {"DATA_DIR": str(shared)}
+    process's own: a bucket on an S3-protocol server (moto) on loopback, as hosts share
+    one object store. Each process keeps a DATA_DIR of its own for its scratch files."""
+    server = MotoServer(folder)
+    server.start_and_wait()
+    try:
+        bucket = server.new_bucket()
+        yield {
+            "VIDEO_STORAGE_URL": f"s3://{bucket}/deployment",
+            "S3_ENDPOINT_URL": server.endpoint,
+            **MotoServer.ENV,
+        }
+    finally:
+        server.stop()
 
 
 @dataclass

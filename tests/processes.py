@@ -303,16 +303,7 @@ class MotoServer(LoggedProcess):
             time.sleep(0.1)
 
     def client(self) -> Any:
-        """A boto3 S3 client: the tests look at the bucket with a client of their own."""
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=self.REGION,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        return s3_client(self.endpoint)
 
     def new_bucket(self) -> str:
         name = f"videos-{uuid.uuid4().hex[:12]}"
@@ -322,3 +313,17 @@ class MotoServer(LoggedProcess):
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         listed = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
         return sorted(item["Key"] for item in listed.get("Contents", []))
+
+
+def s3_client(endpoint: str) -> Any:
+    """A boto3 S3 client of moto at `endpoint`: the tests look in the bucket with a client of
+    their own, not through the code under test."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=MotoServer.REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )

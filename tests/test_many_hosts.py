@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from hosts import Deployment, running_deployment, storage
-from processes import wait_until
+from processes import s3_client, wait_until
 from support import make_settings
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
@@ -152,6 +152,19 @@ async def test_two_apis_and_three_workers_finish_every_job_through_a_worker_kill
                 assert one == other, f"job {job_id}: the APIs serve different bytes"
                 assert one[4:8] == b"ftyp", f"job {job_id}: not an MP4"
             timings["videos"] = time.monotonic() - t2
+            # They are objects in the one bucket, not files on some host's disk.
+            bucket, _, prefix = storage_env["VIDEO_STORAGE_URL"][5:].partition("/")
+            s3 = s3_client(storage_env["S3_ENDPOINT_URL"])
+            finals = {
+                item["Key"]
+                for page in s3.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=f"{prefix}/videos/"
+                )
+                for item in page.get("Contents", [])
+                if item["Key"].endswith("/final.mp4")
+            }
+            assert finals == {f"{prefix}/videos/{job_id}/final.mp4" for job_id in job_ids}
+            assert not list((tmp_path / "hosts").glob("*/videos/*/final.mp4"))
         finally:
             for client in clients:
                 await client.aclose()
