@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -59,13 +60,31 @@ def _wait(api: httpx.Client, job_id: int, timeout: float) -> str:
     raise TimeoutError(f"job {job_id} did not finish in {timeout:g}s")
 
 
-def _timed_job(stack: Stack, api: httpx.Client, tag: str) -> float:
+def _timed_job(stack: Stack, api: httpx.Client, tag: str) -> tuple[float, dict[str, float]]:
+    """How long the job takes from approve to completed, and where its scenes waited: the
+    latest of its predictions' creates, starts and completions at the provider, in seconds
+    after the approve."""
     job_id = _create(api, _storyboard(stack, tag))
     started = time.monotonic()
+    approved_at = datetime.now(UTC)
     api.post(f"/api/v2/jobs/{job_id}/approve").raise_for_status()
     status = _wait(api, job_id, timeout=1800)
     assert status == "completed", f"job {job_id} {status}"
-    return time.monotonic() - started
+    took = time.monotonic() - started
+    timeline: dict[str, float] = {}
+    view = api.get(f"/api/v2/jobs/{job_id}").json()
+    with httpx.Client(base_url=stack.render_server, timeout=30) as provider:
+        for scene in view["scenes"]:
+            prediction = provider.get(
+                f"/v1/predictions/{scene['prediction_id']}",
+                headers={"Authorization": "Bearer local"},
+            ).json()
+            for field in ("created_at", "started_at", "completed_at"):
+                if prediction.get(field):
+                    at = datetime.fromisoformat(prediction[field].replace("Z", "+00:00"))
+                    seconds = (at - approved_at).total_seconds()
+                    timeline[field] = round(max(timeline.get(field, 0.0), seconds), 2)
+    return took, timeline
 
 
 def bench(result: Result) -> None:
@@ -82,21 +101,28 @@ def bench(result: Result) -> None:
             key_a = keys.create("tenant-a").key
             key_b = keys.create("tenant-b").key
             with _client(stack, key_a) as a, _client(stack, key_b) as b:
-                lone = _timed_job(stack, b, "lone")
-                print(f"  tenant B alone: {lone:.1f} s", flush=True)
+                lone, lone_timeline = _timed_job(stack, b, "lone")
+                print(f"  tenant B alone: {lone:.1f} s {lone_timeline}", flush=True)
                 backlog = [_create(a, _storyboard(stack, f"a{n}")) for n in range(A_JOBS)]
                 started = time.monotonic()
                 for job_id in backlog:
                     a.post(f"/api/v2/jobs/{job_id}/approve").raise_for_status()
                 approved_in = time.monotonic() - started
-                behind = _timed_job(stack, b, "behind")
-                print(f"  tenant B behind A's {A_JOBS} jobs: {behind:.1f} s", flush=True)
+                behind, behind_timeline = _timed_job(stack, b, "behind")
+                print(
+                    f"  tenant B behind A's {A_JOBS} jobs: {behind:.1f} s {behind_timeline}",
+                    flush=True,
+                )
                 done = [_wait(a, job_id, timeout=3600) for job_id in backlog]
                 backlog_seconds = time.monotonic() - started
     failed = sum(1 for status in done if status != "completed")
     result.raw.update(
         lone_seconds=lone,
         behind_seconds=behind,
+        # The latest create, start and completion of B's predictions at the provider, in
+        # seconds after B's approve: where B's scenes waited.
+        lone_provider_timeline=lone_timeline,
+        behind_provider_timeline=behind_timeline,
         a_approved_in_seconds=approved_in,
         a_backlog_seconds=backlog_seconds,
         a_failed=failed,

@@ -86,8 +86,14 @@ def _stats(stack: Stack) -> dict[str, Any]:
     return stats
 
 
-def _i2v_env(concurrency: int) -> dict[str, str]:
-    return {"REPLICATE_MODEL": "local/i2v", "SCENE_CONCURRENCY": str(concurrency)}
+def _i2v_env(concurrency: int, stack: str) -> dict[str, str]:
+    # The stacks share one Temporal server but each has its own job store (job 1 in each):
+    # a workflow id prefix apiece keeps their runs apart.
+    return {
+        "REPLICATE_MODEL": "local/i2v",
+        "SCENE_CONCURRENCY": str(concurrency),
+        "WORKFLOW_ID_PREFIX": f"{stack}-",
+    }
 
 
 def bench_parallel(result: Result, work: Path, address: str) -> None:
@@ -98,7 +104,7 @@ def bench_parallel(result: Result, work: Path, address: str) -> None:
             address,
             min_processing=PREDICT_SECONDS,
             task_queue=f"scenes-{name}",
-            extra_env=_i2v_env(concurrency),
+            extra_env=_i2v_env(concurrency, name),
             render_args=["--clip-max-height", "144"],
         ) as stack:
             scenes = _storyboard(stack, SCENES, name)
@@ -142,7 +148,7 @@ def bench_throttled(result: Result, work: Path, address: str) -> None:
         min_processing=1.0,
         task_queue="scenes-throttled",
         extra_env={
-            **_i2v_env(THROTTLED_SCENES),
+            **_i2v_env(THROTTLED_SCENES, "throttled"),
             "PROVIDER_CREATES_PER_MINUTE": str(CREATE_LIMIT),
             "WORKER_MAX_CACHED_WORKFLOWS": "250",
         },

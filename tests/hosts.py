@@ -31,6 +31,7 @@ def storage(folder: Path) -> Iterator[dict[str, str]]:
     """The video storage every process of a deployment shares, as settings laid over each
     process's own: a bucket on an S3-protocol server (moto) on loopback, as hosts share
     one object store. Each process keeps a DATA_DIR of its own for its scratch files."""
+    folder.mkdir(parents=True, exist_ok=True)
     server = MotoServer(folder)
     server.start_and_wait()
     try:

@@ -188,8 +188,8 @@ async def test_a_missing_bucket_fails_the_job_before_any_prediction_and_readyz_n
 
 
 class ThrottledProxy:
-    """A TCP proxy on loopback that passes at most `rate` bytes a second each way: an upload
-    through it lasts long enough to kill its process mid-way."""
+    """A TCP proxy on loopback that passes at most `rate` bytes a second each way on each
+    connection: an upload through it lasts long enough to kill its process mid-way."""
 
     def __init__(self, target_port: int, rate: int) -> None:
         self.target_port = target_port
@@ -246,8 +246,8 @@ def test_a_process_killed_mid_upload_leaves_no_object_and_the_next_upload_is_who
     url = f"s3://{bucket}/renders"
     key = "videos/7/final.mp4"
     video = tmp_path / "final.mp4"
-    video.write_bytes(os.urandom(40 * 1024 * 1024))
-    proxy = ThrottledProxy(s3_server.port, rate=8 * 1024 * 1024)
+    video.write_bytes(os.urandom(48 * 1024 * 1024))
+    proxy = ThrottledProxy(s3_server.port, rate=2 * 1024 * 1024)
     env = {**os.environ, **MotoServer.ENV}
     args = [sys.executable, "-c", PUSH, url, f"http://127.0.0.1:{proxy.port}", str(tmp_path)]
     try:
