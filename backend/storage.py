@@ -178,19 +178,6 @@ class LocalStorage(Storage):
         if not os.access(folder, os.W_OK):
             raise StorageError("the video folder cannot be written")
 
-    async def read(
-        self, key: str, start: int, end: int, etag: str | None = None, chunk: int = PART_BYTES
-    ) -> AsyncIterator[bytes]:
-        with self.path(key).open("rb") as handle:
-            handle.seek(start)
-            left = end - start
-            while left > 0:
-                data = await asyncio.to_thread(handle.read, min(chunk, left))
-                if not data:
-                    return
-                left -= len(data)
-                yield data
-
 
 class S3Storage(Storage):
     """Objects in an S3 bucket (AWS, MinIO, ...) under a prefix, through obstore."""
@@ -217,9 +204,6 @@ class S3Storage(Storage):
             retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=20)},
         )
         self.scratch_root = scratch_root
-
-    def describe(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
 
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:

@@ -428,7 +428,8 @@ async def test_review_without_approval_expires(
 async def test_progress_query_from_the_sdk_the_api_and_the_cli(
     stack: Stack, temporal_env: WorkflowEnvironment
 ) -> None:
-    stack.renderer.add_fault("slow_render", delay=3.0)
+    # Held rendering far longer than the checks below take, however busy the machine.
+    stack.renderer.add_fault("slow_render", delay=30.0)
     job_id = await stack.create_job(stack.sample_scenes(count=3))
     await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
     await eventually(lambda: stage_is(stack, job_id, "rendering"), what="rendering")
