@@ -7,6 +7,7 @@ Temporal."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 from bench.common import send
 from local_replicate.config import ServerConfig
 from local_replicate.testing import RunningServer
-from workflows.payloads import workflow_id_for
+from workflows.payloads import RenderVideoResult, workflow_id_for
 
 JOBS = 100
 SCENES = 5
@@ -189,5 +190,12 @@ async def _assert_store_agrees_with_temporal(
         workflow_id = workflow_id_for(job_id, prefix)
         assert jobs[job_id]["workflow_id"] == workflow_id
         assert jobs[job_id]["video_url"] == f"/api/videos/{job_id}/data"
-        described = await temporal_env.client.get_workflow_handle(workflow_id).describe()
+        # The store records the commit first and the run closes a workflow task later (a task
+        # the killed worker held waits out its timeout), so the run is awaited, not described.
+        handle = temporal_env.client.get_workflow_handle(
+            workflow_id, result_type=RenderVideoResult
+        )
+        result = await asyncio.wait_for(handle.result(), timeout=120)
+        assert result.status == "completed" and result.job_id == job_id, (job_id, result)
+        described = await handle.describe()
         assert described.status == WorkflowExecutionStatus.COMPLETED, (job_id, described.status)

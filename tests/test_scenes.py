@@ -88,8 +88,9 @@ async def test_a_four_scene_job_is_four_predictions_four_scene_runs_and_one_vide
     clips = [name for name in kept if name.endswith(".mp4")]
     assert len(clips) == 4 and all(not name.startswith(".") for name in kept)
 
-    # Every scene ran as a child of the job's run, found under the job's id.
-    query = f"JobId = '{job_id}'"
+    # Every scene ran as a child of the job's run, found under the job's id; other
+    # deployments on the same server (a WORKFLOW_ID_PREFIX) have job ids of their own.
+    query = f"JobId = '{job_id}' AND WorkflowId STARTS_WITH '{workflow_id_for(job_id)}'"
     runs = await eventually(
         lambda: _listed(stack, query, 5), what="the job's and its scenes' runs in visibility"
     )
