@@ -192,9 +192,7 @@ async def _assert_store_agrees_with_temporal(
         assert jobs[job_id]["video_url"] == f"/api/videos/{job_id}/data"
         # The store records the commit first and the run closes a workflow task later (a task
         # the killed worker held waits out its timeout), so the run is awaited, not described.
-        handle = temporal_env.client.get_workflow_handle(
-            workflow_id, result_type=RenderVideoResult
-        )
+        handle = temporal_env.client.get_workflow_handle(workflow_id, result_type=RenderVideoResult)
         result = await asyncio.wait_for(handle.result(), timeout=120)
         assert result.status == "completed" and result.job_id == job_id, (job_id, result)
         described = await handle.describe()
