@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -36,6 +40,9 @@ from workflows.render_video import RenderVideo
 
 log = logging.getLogger("worker")
 
+# mallopt's parameter number for the arena cap (glibc's malloc.h).
+M_ARENA_MAX = -8
+
 
 def worker_options(settings: Settings) -> dict[str, Any]:
     """Shared with the benchmarks' bare worker, so both run on the same settings."""
@@ -47,6 +54,27 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace_seconds),
         "max_cached_workflows": settings.worker_max_cached_workflows,
     }
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Caps glibc's malloc arenas, as MALLOC_ARENA_MAX would; False where it does not apply
+    (turned off, MALLOC_ARENA_MAX already set, not glibc). glibc fixes the cap when a second
+    thread first needs an arena, so this runs before any thread starts."""
+    if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_ARENA_MAX, arenas))
+
+
+def creates_per_second(settings: Settings) -> float:
+    """The creates queue's rate. Temporal's limiter lets a second's worth through at once on
+    top of its rate, so a sliding minute can see 61 seconds' worth: a 61st of the provider's
+    limit per second keeps every minute within it (at 60ths, a benchmark run saw 600 creates in
+    a minute and 9 refused with 429)."""
+    return settings.provider_creates_per_minute / 61
 
 
 def download_client() -> httpx.AsyncClient:
@@ -71,8 +99,16 @@ async def running_worker(
     if isinstance(storage, S3Storage):
         storage.clean_scratch()
     async with download_client() as http, callback_client() as callbacks:
+        video_threads = ThreadPoolExecutor(settings.media_threads, thread_name_prefix="media")
         activities = all_activities(
-            store, ProviderClient(settings), settings, http, client, callbacks, storage
+            store,
+            ProviderClient(settings),
+            settings,
+            http,
+            client,
+            callbacks,
+            storage,
+            video_threads,
         )
         creates = [fn for fn in activities if fn.__name__ == "start_prediction"]
         worker = Worker(
@@ -86,7 +122,7 @@ async def running_worker(
             client,
             task_queue=settings.create_task_queue,
             activities=creates,
-            max_task_queue_activities_per_second=settings.provider_creates_per_minute / 60,
+            max_task_queue_activities_per_second=creates_per_second(settings),
             graceful_shutdown_timeout=worker_options(settings)["graceful_shutdown_timeout"],
         )
         try:
@@ -95,6 +131,9 @@ async def running_worker(
                 await ensure_reconcile_schedule(client, settings)
                 yield worker
         finally:
+            # After the graceful shutdown: what is still decoding was cancelled and is not
+            # waited for.
+            video_threads.shutdown(wait=False, cancel_futures=True)
             store.engine.dispose()
 
 
@@ -120,6 +159,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     settings = get_settings()
+    limit_malloc_arenas(settings.worker_malloc_arenas)
     configure_logging(settings.log_format)
     # Before the client connects: its plugin is only added with tracing on.
     telemetry.setup_tracing(telemetry.WORKER_SERVICE)

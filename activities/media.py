@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,12 +76,19 @@ class MediaActivities:
         settings: Settings,
         http: httpx.AsyncClient,
         storage: Storage | None = None,
+        video_threads: Executor | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
         self.settings = settings
         self.http = http
         self.storage = storage or storage_for(settings)
+        # PyAV work runs here, at most MEDIA_THREADS at once: each call holds its codecs'
+        # frame buffers, so running more than the cores adds memory and no speed. Waiting
+        # calls heartbeat, and a cancelled one never starts.
+        self.video_threads = video_threads or ThreadPoolExecutor(
+            settings.media_threads, thread_name_prefix="media"
+        )
 
     def _download_target(self, job_id: int, name: str, work: Path) -> Path:
         local = self.storage.local_path(scene_key(job_id))
@@ -262,7 +272,7 @@ class MediaActivities:
                     thumb = self.storage.staging(scene_key(job, name), work)
                     made.append((thumb, scene_key(job, name)))
                     source = await self._pull(scene_key(job, clip), work)
-                    await heartbeating(asyncio.to_thread(media.thumbnail, source, thumb))
+                    await heartbeating(self._video(media.thumbnail, source, thumb))
                 for source, key in made:
                     await heartbeating(self._push(source, key))
             except (media.MediaError, OSError) as exc:
@@ -299,6 +309,11 @@ class MediaActivities:
         except (OSError, StorageError) as exc:
             activity.logger.warning("Could not remove %s: %s", key, exc)
 
+    def _video(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """`fn` on the video threads, in this activity's context (as asyncio.to_thread)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return asyncio.get_running_loop().run_in_executor(self.video_threads, call)
+
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A long PyAV call on a thread, heartbeating meanwhile; a cancel of the activity stops
         it at its next progress call (it removes its own partial output)."""
@@ -309,7 +324,7 @@ class MediaActivities:
                 raise ActivityCancelled("cancelled")
 
         try:
-            return await heartbeating(asyncio.to_thread(fn, *args, progress=progress, **kwargs))
+            return await heartbeating(self._video(fn, *args, progress=progress, **kwargs))
         finally:
             stop.set()
 
@@ -341,7 +356,7 @@ class MediaActivities:
             try:
                 # Heartbeats while the decode runs: a worker killed mid-verify is noticed
                 # within the heartbeat timeout, not after the whole start-to-close timeout.
-                info = await heartbeating(asyncio.to_thread(probe_video, path))
+                info = await heartbeating(self._video(probe_video, path))
             except InvalidVideo as exc:
                 # A broken file must never be served as the job's video.
                 await self._delete(key)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import Response
 from pydantic import TypeAdapter
 
 from api.models import ClosedJob, CompletedJob, JobView, PendingJob, Progress, SceneView
@@ -108,11 +107,11 @@ def _scenes(job: dict[str, Any], media: bool) -> list[SceneView]:
     ]
 
 
-def view_response(view: PendingJob | CompletedJob | ClosedJob) -> Response:
-    """The view as the response: already validated when it was made, so FastAPI's second
-    validation of the route's response model (a third of a GET's cost) is skipped. The model
-    still documents the answer."""
-    return Response(_VIEW.dump_json(view, exclude_unset=True), media_type="application/json")
+def view_bytes(view: PendingJob | CompletedJob | ClosedJob) -> bytes:
+    """The view as a response body: already validated when it was made, so the route sends
+    these bytes and FastAPI's second validation of its response model (a third of a GET's
+    cost) is skipped. The model still documents the answer."""
+    return _VIEW.dump_json(view, exclude_unset=True)
 
 
 def view_json(view: PendingJob | CompletedJob | ClosedJob) -> dict[str, Any]:

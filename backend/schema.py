@@ -19,18 +19,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import MetaData, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.engine.reflection import Inspector
 from sqlalchemy.pool import NullPool
+
+# Alembic is loaded only when a store is not at head (or a command asks): loading it is 11 MB
+# of every API and worker process's memory, and a store already at head needs none of it.
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 # Alembic says "Context impl SQLiteImpl." and "Will assume non-transactional DDL." at INFO for
 # every look at a store: every process's log would start with them. What a migration did is
@@ -38,6 +38,9 @@ from sqlalchemy.pool import NullPool
 logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# This release's newest revision, known without loading Alembic for the common start (a store
+# already there); tests/test_migrations.py checks it is Alembic's head.
+HEAD_REVISION = "0009"
 # How a store is compared with the models (env.py's autogenerate and `alembic check`, and
 # `differences`): column types and server defaults too, so a NOT NULL column added without
 # its default shows up.
@@ -125,6 +128,8 @@ def safe_url(url: str | URL) -> str:
 def alembic_config(connection: Connection | None = None) -> Config:
     """Alembic's settings for the packaged migrations; with `connection`, env.py migrates
     over it (in its transaction) instead of opening its own."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     if connection is not None:
@@ -134,6 +139,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 @lru_cache
 def script_directory() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
 
 
@@ -199,6 +206,9 @@ class StoreState:
 
 
 def store_state(connection: Connection, url: str) -> StoreState:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.util import CommandError
+
     current = MigrationContext.configure(connection).get_current_revision()
     if current is not None:
         try:
@@ -213,6 +223,15 @@ def store_state(connection: Connection, url: str) -> StoreState:
     if not _LEGACY_TABLES & set(inspector.get_table_names()):
         return StoreState(None, stamped=False)
     return StoreState(legacy_revision(inspector, url), stamped=False)
+
+
+def _stamped_at(connection: Connection) -> str | None:
+    """The revision in `alembic_version` when it holds exactly one (Alembic's own reading
+    decides every other case)."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    rows = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    return rows[0][0] if len(rows) == 1 else None
 
 
 @contextmanager
@@ -275,8 +294,13 @@ def prepare_store(
     it is ahead of this release or matches no release.
     """
     url = safe_url(engine.url)
-    head = head_revision()
     with schema_lock(engine, lock_timeout) as connection:
+        if _stamped_at(connection) == HEAD_REVISION:
+            return Migration(HEAD_REVISION, HEAD_REVISION, stamped=True)
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+
+        head = head_revision()
         state = store_state(connection, url)
         if state.revision == head and state.stamped:
             return Migration(head, head, stamped=True)
@@ -305,6 +329,9 @@ def prepare_store(
 def differences(connection: Connection, metadata: MetaData) -> list[Any]:
     """What a migration would have to do to make the store what `metadata` says (Alembic's
     autogenerate comparison, as `alembic check` runs it); empty when they agree."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
     context = MigrationContext.configure(connection, opts=dict(COMPARE))
     return list(compare_metadata(context, metadata))
 

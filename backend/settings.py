@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,13 @@ def _checkout() -> Path | None:
 # Defaults belong to the project, not to wherever a script happens to be started: a seed-style
 # script run from another directory must open the same job store and videos as the stack.
 CHECKOUT = _checkout()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -132,6 +140,14 @@ class Settings(BaseSettings):
     # from its history when its next task comes. Each costs about 0.2 MB, so the default
     # keeps a worker with 1,000 renders waiting on their predictions near 150 MB.
     worker_max_cached_workflows: int = Field(default=250, ge=0)
+    # Video work (decode checks, stitches, posters, previews) a worker runs at once. Each
+    # one holds its codecs' frame buffers, and PyAV's codecs use every core already, so more
+    # than the cores only adds memory (bench/FINDINGS.md "Worker memory"); the rest wait.
+    media_threads: int = Field(default_factory=usable_cores, ge=1)
+    # glibc malloc arenas the worker may use (0: glibc's default, 8 per core; ignored when
+    # MALLOC_ARENA_MAX is set). Threads that each keep an arena of freed memory add up to
+    # tens of MB, for no speed the worker can measure (bench/FINDINGS.md "Worker memory").
+    worker_malloc_arenas: int = Field(default=2, ge=0)
     # host:port where the worker serves Prometheus metrics (task slots, activity latencies);
     # off when unset.
     worker_metrics_address: str | None = None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ from temporalio.testing import ActivityEnvironment
 from test_media import make_clip
 
 from activities.media import InvalidVideo, MediaActivities, probe_video
+from backend import media
 from backend.database import JobStore, make_engine
 from backend.provider import ProviderClient
 from backend.settings import Settings
@@ -126,3 +130,54 @@ async def test_a_check_retried_after_its_clip_was_kept_reads_the_kept_clip(
     assert again == first and first.frames > 0
     assert await storage.head(scene_key(job_id, clip)) is not None
     assert await storage.head(scene_key(job_id, f".{clip}.unverified")) is None
+
+
+async def test_video_work_runs_at_most_media_threads_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each PyAV call holds its codecs' frame buffers: a worker runs MEDIA_THREADS of them
+    at once and the rest wait, however many clip checks Temporal hands it."""
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", media_threads=2)  # type: ignore[call-arg]
+    store = JobStore(make_engine(f"sqlite:///{tmp_path / 'jobs.db'}"))
+    job_id = store.create()
+    storage = storage_for(settings)
+    made = make_clip(tmp_path / "clip.mp4", seconds=1.0)
+    clips = [f"{n:03d}-0123456789abcdef.mp4" for n in range(1, 7)]
+    for clip in clips:
+        copy = shutil.copyfile(made, tmp_path / clip)
+        await storage.push(copy, scene_key(job_id, f".{clip}.unverified"))
+
+    real_check = media.check_clip
+    lock = threading.Lock()
+    running = peak = 0
+    crowd = threading.Event()
+
+    def counted_check(*args: Any, **kwargs: Any) -> media.ClipReport:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            if running > 2:
+                crowd.set()
+        try:
+            # Each call stays in until a third one joins it, or a second has passed: without
+            # the bound, all six are in at once.
+            crowd.wait(1.0)
+            return real_check(*args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(media, "check_clip", counted_check)
+    async with httpx.AsyncClient() as http:
+        activities = MediaActivities(store, ProviderClient(settings), settings, http, storage)
+        checks = [
+            ActivityEnvironment().run(
+                activities.check_clip,
+                CheckClipInput(job_id=job_id, number=n, clip=clip, min_seconds=0.5),
+            )
+            for n, clip in enumerate(clips, start=1)
+        ]
+        reports = await asyncio.gather(*checks)
+    assert all(report.frames > 0 for report in reports)
+    assert peak == 2

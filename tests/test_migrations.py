@@ -29,6 +29,7 @@ from api.main import create_app
 from backend.auth import KeyStore
 from backend.database import JobStore, make_engine, migrate_store
 from backend.schema import (
+    HEAD_REVISION,
     LEGACY_RELEASES,
     StoreBehind,
     StoreNotReady,
@@ -465,3 +466,22 @@ def test_processes_creating_a_fresh_postgres_store_at_once_all_succeed(
         assert proc.returncode == 0, err
     assert sql(url, "SELECT version_num FROM alembic_version") == [(HEAD,)]
     assert JobStore(make_engine(url)).create() == 1
+
+
+def test_the_release_knows_its_head_without_alembic(tmp_path: Path) -> None:
+    """A store at head is recognised by HEAD_REVISION, without loading Alembic (11 MB of every
+    API and worker process); a migration added without moving it fails here."""
+    assert HEAD_REVISION == HEAD
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    make_engine(url).dispose()  # created at head
+    probe = (
+        "import sys\n"
+        "import worker, api.main\n"
+        "from backend.database import make_engine\n"
+        f"make_engine({url!r}).dispose()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -41,7 +41,7 @@ from api.models import (
 )
 from api.reads import JobReads, ProgressCache
 from api.security import OwnedJob, ProtectedRoute, TenantDep
-from api.views import VideoSigner, job_view, view_json, view_response
+from api.views import VideoSigner, job_view, view_bytes, view_json
 from backend.callbacks import CallbackRefused, check_callback_url
 from backend.database import ACTIVE, FINISHED, JobConflict, JobNotFound, JobStatus
 from backend.orchestration import cancel_render, redeliver_event, start_render
@@ -316,7 +316,8 @@ async def redeliver(
 async def get_job_status(
     job: OwnedJob, progress: ProgressDep, temporal: TemporalDep, signer: SignerDep
 ) -> Any:
-    return view_response(job_view(job, signer, await progress.get(temporal, job)))
+    view = job_view(job, signer, await progress.get(temporal, job))
+    return Response(view_bytes(view), media_type="application/json")
 
 
 class EventStream(StreamingResponse):
