@@ -150,18 +150,21 @@ async def test_video_work_runs_at_most_media_threads_at_once(
     real_check = media.check_clip
     lock = threading.Lock()
     running = peak = 0
-    crowd = threading.Event()
+    pair, crowd = threading.Event(), threading.Event()
 
     def counted_check(*args: Any, **kwargs: Any) -> media.ClipReport:
         nonlocal running, peak
         with lock:
             running += 1
             peak = max(peak, running)
+            if running == 2:
+                pair.set()
             if running > 2:
                 crowd.set()
         try:
-            # Each call stays in until a third one joins it, or a second has passed: without
-            # the bound, all six are in at once.
+            # The first call waits for a second (however slow the machine), then each stays in
+            # until a third joins, or a second has passed: without the bound all six are in.
+            pair.wait(60)
             crowd.wait(1.0)
             return real_check(*args, **kwargs)
         finally:
