@@ -8,8 +8,6 @@ import asyncio
 import io
 import json
 import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import av
 import pytest
 from fixtures_images import WebhookReceiver, webhook_receiver
 from PIL import Image, ImageStat
+from processes import run_script
 from standardwebhooks import Webhook
 from support import Stack, eventually, running_stack
 from temporalio.api.enums.v1 import EventType
@@ -391,18 +390,6 @@ async def test_docs_render_with_no_network(stack: Stack) -> None:
         assert loaded.status_code == 200 and len(loaded.content) > 1000
 
 
-def run_script(script: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def seed_env(**values: str) -> dict[str, str]:
     """The environment of a script a user runs: no test settings, no setting variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATA_DIR", "DATABASE_URL"))}
@@ -428,7 +415,7 @@ async def test_the_seeds_manual_download_test_works_from_another_directory(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = seed_env(DATA_DIR=str(tmp_path / "data"), REPLICATE_BASE_URL=renderer.base_url)
-    done = await asyncio.to_thread(run_script, script, elsewhere, env)
+    done = await asyncio.to_thread(run_script, script, cwd=elsewhere, env=env)
     assert done.returncode == 0, done.stderr
     path = Path(done.stdout.strip().removeprefix("Downloaded to: "))
     assert path == (tmp_path / "data" / "videos" / "123" / "final.mp4").resolve()
@@ -439,8 +426,8 @@ async def test_the_seeds_manual_download_test_works_from_another_directory(
         run_script,
         "from backend.services.video_renderer import download_video\n"
         f'download_video("{url.rsplit("/", 1)[0]}/nothing.mp4", job_id=124)\n',
-        elsewhere,
-        env,
+        cwd=elsewhere,
+        env=env,
     )
     assert gone.returncode != 0
     assert "The video is gone from the provider (HTTP 404)" in gone.stderr
@@ -451,8 +438,8 @@ async def test_seed_scripts_find_the_projects_data_from_any_directory(tmp_path: 
     done = await asyncio.to_thread(
         run_script,
         "from backend.settings import Settings; print(Settings().data_dir)",
-        tmp_path,
-        env,
+        cwd=tmp_path,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     assert CHECKOUT is not None
@@ -474,7 +461,7 @@ async def test_render_video_task_says_what_to_do_in_async_code_and_when_temporal
         "render_video_task(job)\n"
     )
     env = seed_env(DATA_DIR=str(tmp_path), TEMPORAL_ADDRESS="127.0.0.1:9")
-    done = await asyncio.to_thread(run_script, script, tmp_path, env)
+    done = await asyncio.to_thread(run_script, script, cwd=tmp_path, env=env)
     assert done.returncode != 0
     assert "backend.orchestration.TemporalUnavailable: Temporal at 127.0.0.1:9" in done.stderr
 

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy
 from alembic import command
 from legacy_stores import FIRST_RELEASE_JOBS, make_first_release_store
+from processes import run_script
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
@@ -481,7 +482,6 @@ def test_the_release_knows_its_head_without_alembic(tmp_path: Path) -> None:
         f"make_engine({url!r}).dispose()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
-    )
+    done = run_script(probe, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

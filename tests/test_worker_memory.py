@@ -4,11 +4,11 @@ any thread starts (each thread would otherwise keep an arena of freed memory of 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,15 +39,8 @@ print(capped)
 def heaps(tmp_path: Path, arenas: int, **env: str) -> tuple[bool, int]:
     info = tmp_path / f"malloc-{arenas}.xml"
     environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(arenas), str(info)],
-        cwd=ROOT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    done = run_script(PROBE, str(arenas), str(info), cwd=ROOT, env=environ)
+    assert done.returncode == 0, done.stderr
     return done.stdout.strip() == "True", info.read_text().count("<heap nr=")
 
 
