@@ -443,7 +443,14 @@ async def test_progress_query_from_the_sdk_the_api_and_the_cli(
     )
     assert scene.prediction_status in ("starting", "processing")
 
-    view = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+    # The store records the prediction one activity after the scene run learns it: wait for
+    # the view to carry it, then check it is the same one.
+    async def recorded_view() -> dict[str, Any] | None:
+        view: dict[str, Any] = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
+        scenes = view.get("scenes") or [{"prediction_id": None}]
+        return view if all(s["prediction_id"] for s in scenes) else None
+
+    view = await eventually(recorded_view, what="the view's prediction ids")
     assert view["status"] == "rendering"
     assert set(view["progress"]) == {"current_stage", "message", "scenes_total", "scenes_completed"}
     assert view["progress"]["current_stage"] == "rendering"
