@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import av
-from support import Stack
+from support import Stack, eventually
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 
@@ -100,7 +100,8 @@ async def test_video_supports_range_requests(stack: Stack) -> None:
 
 async def test_history_shows_each_step_and_polling_as_retries(stack: Stack) -> None:
     # A slow render makes poll_prediction fail "still processing" many times over.
-    stack.renderer.add_fault("slow_render", times=1, delay=1.5)
+    # Long enough that polling surely starts before it ends, however late on a busy machine.
+    stack.renderer.add_fault("slow_render", times=1, delay=6.0)
     job_id = await stack.create_job(stack.sample_scenes(count=2, seconds=1))
     approved = await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
     job = await stack.wait_closed(job_id)
@@ -198,10 +199,7 @@ async def test_temporal_cancel_cancels_prediction_and_job(stack: Stack) -> None:
     job_id = await stack.create_job(stack.sample_scenes(count=1))
     await stack.api.post(f"/api/v2/jobs/{job_id}/approve")
     handle = stack.temporal.get_workflow_handle(f"render-video-{job_id}")
-    for _ in range(100):
-        if stack.store.get(job_id)["prediction_id"]:
-            break
-        await asyncio.sleep(0.1)
+    await eventually(lambda: stack.store.get(job_id)["prediction_id"], what="the prediction")
     await handle.cancel()
     job = await stack.wait_closed(job_id)
     assert job["status"] == "cancelled"

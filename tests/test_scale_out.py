@@ -170,11 +170,11 @@ async def test_sigterm_lets_the_held_download_finish_and_takes_no_new_task(
     crash_stack: Stack, workers: Workers
 ) -> None:
     """Within the grace period a stopping worker finishes what it holds (here a download
-    slowed to 5 s), polls no more (a job approved meanwhile waits for another worker), and
+    slowed to 10 s), polls no more (a job approved meanwhile waits for another worker), and
     exits cleanly."""
     stack = crash_stack
     workers.extra_env[GRACE] = "30"
-    stack.renderer.add_fault("slow_download", times=1, delay=5.0)
+    stack.renderer.add_fault("slow_download", times=1, delay=10.0)
     first = await workers.start()
     job_a = await approve(stack, scenes=2)
     await wait_until(lambda: slow_download_under_way(stack), 60, "the slow download")

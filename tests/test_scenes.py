@@ -149,6 +149,9 @@ async def test_a_failed_scene_fails_the_job_in_its_words_and_cancels_the_others(
 ) -> None:
     stack = scenes_stack
     stack.renderer.add_fault("fail", detail="NSFW content detected", match={"prompt": "scene 3:"})
+    # Scene 3 fails a few seconds in, so scene 4's prediction is surely created and recorded
+    # by then (creates are paced, and the run learns each id one activity later).
+    stack.renderer.add_fault("slow_start", delay=5.0, match={"prompt": "scene 3:"})
     # Scene 4 is still rendering when scene 3 fails: it must be cancelled, not paid to the end.
     stack.renderer.add_fault("slow_render", delay=60.0, match={"prompt": "scene 4:"})
     job_id = await stack.create_job(storyboard(stack, 4))
