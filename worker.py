@@ -53,6 +53,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         # waiting for a heartbeat timeout (tests/test_scale_out.py).
         "graceful_shutdown_timeout": timedelta(seconds=settings.worker_shutdown_grace_seconds),
         "max_cached_workflows": settings.worker_max_cached_workflows,
+        "sticky_queue_schedule_to_start_timeout": timedelta(seconds=settings.worker_sticky_seconds),
     }
 
 

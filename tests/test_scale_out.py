@@ -7,6 +7,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from api.routes.health import READY_TIMEOUT
+from backend.settings import Settings
 from local_replicate.testing import RunningServer
+from worker import worker_options
 from workflows.payloads import scene_workflow_id, workflow_id_for
 
 GRACE = "WORKER_SHUTDOWN_GRACE_SECONDS"
@@ -163,6 +166,15 @@ def assert_one_prediction_per_scene(stack: Stack, scenes: int) -> None:
     assert stats["creates"] == scenes, stats
     assert list(stats["predictions"].values()) == ["succeeded"] * scenes, stats
     assert stats["cancels"] == 0, stats
+
+
+def test_worker_sticky_seconds_bounds_how_long_a_task_waits_for_its_busy_worker() -> None:
+    # The SDK's own 10 s unless set; set, every worker the project runs passes it on.
+    assert worker_options(Settings())["sticky_queue_schedule_to_start_timeout"] == timedelta(
+        seconds=10
+    )
+    options = worker_options(Settings(worker_sticky_seconds=1.5))
+    assert options["sticky_queue_schedule_to_start_timeout"] == timedelta(seconds=1.5)
 
 
 @pytest.mark.stack_settings(replicate_model="local/i2v")
