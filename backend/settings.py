@@ -141,10 +141,10 @@ class Settings(BaseSettings):
     # keeps a worker with 1,000 renders waiting on their predictions near 150 MB.
     worker_max_cached_workflows: int = Field(default=250, ge=0)
     # How long a cached run's next workflow task waits for this worker before any worker may
-    # take it from the shared queue, where fairness keys apply. The SDK's 10 s by default;
-    # 1 s lets a small tenant past a saturated worker's backlog (bench/FINDINGS.md "Fair
-    # shares") at the price of more replays.
-    worker_sticky_seconds: float = Field(default=10.0, gt=0)
+    # take it from the shared queue, where fairness keys apply. The SDK's default is 10 s;
+    # at 1 s a small tenant gets past a saturated worker's backlog, and the backlog itself
+    # finishes sooner (bench/FINDINGS.md "Fair shares").
+    worker_sticky_seconds: float = Field(default=1.0, gt=0)
     # Video work (decode checks, stitches, posters, previews) a worker runs at once. Each
     # one holds its codecs' frame buffers, and PyAV's codecs use every core already, so more
     # than the cores only adds memory (bench/FINDINGS.md "Worker memory"); the rest wait.

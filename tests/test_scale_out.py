@@ -169,9 +169,9 @@ def assert_one_prediction_per_scene(stack: Stack, scenes: int) -> None:
 
 
 def test_worker_sticky_seconds_bounds_how_long_a_task_waits_for_its_busy_worker() -> None:
-    # The SDK's own 10 s unless set; set, every worker the project runs passes it on.
+    # 1 s unless set (the SDK's own is 10 s); set, every worker the project runs passes it on.
     assert worker_options(Settings())["sticky_queue_schedule_to_start_timeout"] == timedelta(
-        seconds=10
+        seconds=1
     )
     options = worker_options(Settings(worker_sticky_seconds=1.5))
     assert options["sticky_queue_schedule_to_start_timeout"] == timedelta(seconds=1.5)
