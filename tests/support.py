@@ -145,6 +145,13 @@ async def running_stack(
                 store.engine.dispose()
 
 
+async def listed_runs(stack: Stack, query: str, count: int) -> list[str] | None:
+    """The ids of the runs a visibility query finds, once it finds at least `count` (the
+    visibility store is eventually consistent)."""
+    ids = [run.id async for run in stack.temporal.list_workflows(query)]
+    return ids if len(ids) >= count else None
+
+
 async def eventually(check: Any, within: float = 30.0, what: str = "condition") -> Any:
     """Re-checks `check` (sync or async) until it returns something truthy, and returns that."""
     try:

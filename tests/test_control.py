@@ -16,7 +16,7 @@ from typing import Any
 
 import av
 import pytest
-from support import Stack, eventually, running_stack
+from support import Stack, eventually, listed_runs, running_stack
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError
@@ -356,7 +356,7 @@ async def test_api_approve_signals_the_waiting_run_and_never_starts_two(
     assert job["approved_by"] == "ana@example.com"
     assert (await handle_of(stack, job_id).describe()).run_id == first_run
     runs = await eventually(
-        lambda: _collect(stack.temporal.list_workflows(f"WorkflowId = 'render-video-{job_id}'")),
+        lambda: listed_runs(stack, f"WorkflowId = 'render-video-{job_id}'", 1),
         what="the run in the visibility store",
     )
     assert len(runs) == 1
@@ -456,9 +456,9 @@ async def test_progress_query_from_the_sdk_the_api_and_the_cli(
     # The store records the prediction one activity after the scene run learns it: wait for
     # the view to carry it, then check it is the same one.
     async def recorded_view() -> dict[str, Any] | None:
-        view: dict[str, Any] = (await stack.api.get(f"/api/v2/jobs/{job_id}")).json()
-        scenes = view.get("scenes") or [{"prediction_id": None}]
-        return view if view.get("live") and all(s["prediction_id"] for s in scenes) else None
+        view = await live_view(stack, job_id)
+        scenes = (view or {}).get("scenes") or [{"prediction_id": None}]
+        return view if all(s["prediction_id"] for s in scenes) else None
 
     view = await eventually(recorded_view, what="the view's prediction ids")
     assert view["status"] == "rendering"
@@ -695,14 +695,11 @@ async def test_runs_are_found_by_job_id_and_stage(
     # its parent's: wait for both.
     await eventually(listed, what="the run in the visibility store")
     query = f"{mine} AND RenderStage = 'completed'"
-
-    async def both_completed() -> list[Any] | None:
-        runs = await _collect(stack.temporal.list_workflows(query))
-        return runs if len(runs) >= 2 else None
-
-    runs = await eventually(both_completed, what="RenderStage completed on both runs")
+    runs = await eventually(
+        lambda: listed_runs(stack, query, 2), what="RenderStage completed on both runs"
+    )
     # The job's run and its scene's run (here one prediction for the whole storyboard).
-    assert sorted(run.id for run in runs) == [
+    assert sorted(runs) == [
         f"render-video-{job_id}",
         f"render-video-{job_id}-scene-all",
     ]
@@ -718,10 +715,6 @@ async def _prediction_of(handle: WorkflowHandle[Any, Any]) -> SceneProgress | No
 
 async def _closed_as(handle: WorkflowHandle[Any, Any], status: WorkflowExecutionStatus) -> bool:
     return (await handle.describe()).status == status
-
-
-async def _collect(iterator: Any) -> list[Any]:
-    return [item async for item in iterator]
 
 
 async def test_every_activity_and_the_run_carry_a_summary(stack: Stack) -> None:

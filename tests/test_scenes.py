@@ -11,7 +11,7 @@ from typing import Any
 
 import av
 import pytest
-from support import Stack, eventually, running_stack
+from support import Stack, eventually, listed_runs, running_stack
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
@@ -92,18 +92,13 @@ async def test_a_four_scene_job_is_four_predictions_four_scene_runs_and_one_vide
     # deployments on the same server (a WORKFLOW_ID_PREFIX) have job ids of their own.
     query = f"JobId = '{job_id}' AND WorkflowId STARTS_WITH '{workflow_id_for(job_id)}'"
     runs = await eventually(
-        lambda: _listed(stack, query, 5), what="the job's and its scenes' runs in visibility"
+        lambda: listed_runs(stack, query, 5), what="the job's and its scenes' runs in visibility"
     )
     assert sorted(runs) == sorted(
         [workflow_id_for(job_id)] + [scene_workflow_id(job_id, n) for n in range(1, 5)]
     )
     scene = await stack.temporal.get_workflow_handle(scene_workflow_id(job_id, 3)).describe()
     assert await scene.static_summary() == f"Scene 3 of job {job_id}"
-
-
-async def _listed(stack: Stack, query: str, count: int) -> list[str] | None:
-    ids = [run.id async for run in stack.temporal.list_workflows(query)]
-    return ids if len(ids) >= count else None
 
 
 async def test_editing_one_scene_renders_one_prediction_and_unchanged_renders_none(
